@@ -1,0 +1,109 @@
+"""The Qwen2 / Qwen2.5 decoder, top-down: Attention, MLP, Block, Qwen2Model, Qwen2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen_mlx.config import ModelConfig
+from qwen_mlx.rope import RoPE
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim, head_dim = config.hidden_size, config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.scale = head_dim**-0.5
+        # Qwen2 puts biases on q/k/v but not on o (the config has no flag for it).
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=True)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=True)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
+        self.rope = RoPE(head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            # The cache stores keys already rotated, so positions keep counting up even after eviction.
+            k, v = cache.update_and_fetch(k, v)
+        # Grouped-query attention: the fused kernel broadcasts the n_kv_heads over the n_heads itself.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # SwiGLU: down(silu(gate(x)) * up(x))
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [Block(config) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, ids: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.embed_tokens(ids)
+        cache = cache or [None] * len(self.layers)
+        mask = attention_mask(h.shape[1], cache[0])
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, mask, layer_cache)
+        return self.norm(h)
+
+
+class Qwen2(nn.Module):
+    """The causal LM: `model(ids, cache=None)` → logits of shape (batch, length, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, ids: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.model(ids, cache)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[Block]:
+        return self.model.layers
+
+
+def attention_mask(length: int, cache: Any | None) -> mx.array | str | None:
+    """The mask for `length` new positions: none for one token, the fused causal mask, or the cache's own."""
+    if cache is not None:
+        return cache.make_mask(length)
+    return "causal" if length > 1 else None
