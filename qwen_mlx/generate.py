@@ -217,7 +217,7 @@ def stream_generate(
         if hit_stop:
             finish = "stop"
             break
-        if cancelled:
+        if cancel is not None and cancel.is_set():  # checked again: the caller may have set it while we yielded
             finish = "cancelled"
             break
         if at_limit:

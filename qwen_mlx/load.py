@@ -37,14 +37,14 @@ def resolve_model_path(path_or_repo: str | os.PathLike[str]) -> Path:
 
 
 def _snapshot_download(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
+        HFValidationError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
-    from huggingface_hub.utils import is_offline_mode
 
     try:
         return snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS)
@@ -53,11 +53,13 @@ def _snapshot_download(repo_id: str) -> str:
     except RepositoryNotFoundError:
         raise QwenMLXError(f"{repo_id}: no such model on the Hugging Face hub (check the spelling, or log in for a private repo)") from None
     except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if is_offline_mode() else "the hub cannot be reached"
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise QwenMLXError(
             f"{repo_id}: not in the local Hugging Face cache and {why}; download it once with "
             f"`hf download {repo_id}` while online (or pass a local folder)"
         ) from None
+    except HFValidationError as e:
+        raise QwenMLXError(f"{repo_id}: not a valid Hugging Face repo id ({e})") from None
     except (HfHubHTTPError, OSError) as e:
         raise QwenMLXError(f"{repo_id}: download failed ({e}); check the connection, or pass a local folder") from None
 

@@ -192,7 +192,9 @@ class StreamingDetokenizer:
         self.pending = b""
 
     def add(self, token: int) -> str:
-        self.pending += self.token_bytes[token]
+        # Ids past the tokenizer's vocabulary (Qwen pads the embedding to a multiple of 128) decode to nothing,
+        # as `decode` treats them.
+        self.pending += self.token_bytes[token] if token < len(self.token_bytes) else b""
         cut = _complete_utf8_prefix(self.pending)
         text = self.pending[:cut].decode("utf-8", errors="replace")
         self.pending = self.pending[cut:]
