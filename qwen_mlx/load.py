@@ -40,8 +40,8 @@ def _snapshot_download(repo_id: str) -> str:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
-        HFValidationError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -49,9 +49,13 @@ def _snapshot_download(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS)
     except GatedRepoError:
-        raise QwenMLXError(f"{repo_id}: the repo is gated; accept its terms on huggingface.co and run `hf auth login`") from None
+        raise QwenMLXError(
+            f"{repo_id}: the repo is gated; accept its terms on huggingface.co and run `hf auth login`"
+        ) from None
     except RepositoryNotFoundError:
-        raise QwenMLXError(f"{repo_id}: no such model on the Hugging Face hub (check the spelling, or log in for a private repo)") from None
+        raise QwenMLXError(
+            f"{repo_id}: no such model on the Hugging Face hub (check the spelling, or log in for a private repo)"
+        ) from None
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise QwenMLXError(

@@ -76,7 +76,7 @@ class Qwen2Model(nn.Module):
         h = self.embed_tokens(ids)
         cache = cache or [None] * len(self.layers)
         mask = attention_mask(h.shape[1], cache[0])
-        for layer, layer_cache in zip(self.layers, cache):
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
         return self.norm(h)
 
