@@ -90,3 +90,10 @@ def test_temperature_zero_is_greedy() -> None:
 def test_bad_sampling_values_are_user_errors(bad: dict[str, float]) -> None:
     with pytest.raises(QwenMLXError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+def test_sampler_draws_only_tokens_the_filters_keep() -> None:
+    params = SamplingParams(temperature=1.0, top_k=4, top_p=0.9, min_p=0.3)
+    sampler = Sampler(params, seed=0)
+    draws = {sampler(LOGITS).item() for _ in range(200)}
+    assert draws == set(kept(params)) == {0, 1, 2}
