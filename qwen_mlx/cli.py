@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
     cache.add_argument("--max-kv-size", type=int, help="make a rotating cache of this many positions")
     cache.set_defaults(func=cmd_cache_prompt)
+
+    from qwen_mlx.converter.convert import add_parser as add_convert_parser
+
+    add_convert_parser(sub)
     return parser
 
 

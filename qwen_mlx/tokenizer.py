@@ -26,7 +26,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 BYTE_ENCODER = _bytes_to_unicode()
@@ -136,8 +136,8 @@ class Tokenizer:
         def hide(value: Any) -> Any:
             if isinstance(value, str):
                 return self._added_pattern.sub(stash, value) if self._added_pattern else value
-            if isinstance(value, dict):
-                return {k: hide(v) for k, v in value.items()}
+            if isinstance(value, dict):  # keys too: a tool's parameter names are written out by `tojson`
+                return {hide(k): hide(v) for k, v in value.items()}
             if isinstance(value, list):
                 return [hide(v) for v in value]
             return value

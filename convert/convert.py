@@ -1,0 +1,325 @@
+"""`qwen-mlx convert`: a Hugging Face Qwen2 folder → an MLX folder (optionally quantized) that mlx-lm loads.
+
+The output has mlx-lm's layout: config.json with the `quantization` block, `model.safetensors` (or
+`model-0000i-of-0000n.safetensors` shards) with `{"format": "mlx"}` metadata, `model.safetensors.index.json`,
+and the tokenizer files. Tensors stream: each is read, cast and quantized when its shard is written, so memory
+holds about one output shard, never the whole model twice. Everything is written into a hidden folder beside
+the target that is renamed at the end, so an interrupted run never leaves a folder that looks like a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
+from tqdm import tqdm
+
+from qwen_mlx.config import read_json
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.load import load_model, resolve_model_path, weight_files
+from qwen_mlx.quantize import check_quantization, dequantize_model, parameter_count, quantize_model
+
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
+# Besides config and weights, a model folder needs its tokenizer, chat template and generation defaults.
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class ConversionSummary:
+    mlx_path: Path
+    source_bytes: int
+    output_bytes: int
+    bits_per_weight: float
+    quantization: dict[str, Any] | None
+
+    def __str__(self) -> str:
+        q = self.quantization
+        how = f"{q['bits']}-bit, group size {q['group_size']}" if q else "not quantized"
+        return (
+            f"Wrote {self.mlx_path}: {_gigabytes(self.output_bytes)} from {_gigabytes(self.source_bytes)} "
+            f"({how}, {self.bits_per_weight:.2f} bits per weight)"
+        )
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path = "mlx_model",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: str | None = None,
+    dequantize: bool = False,
+    q_keep: str | dict[str, int] | None = None,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> ConversionSummary:
+    """Convert a Qwen2 model folder or Hugging Face repo id into an MLX model folder at `mlx_path`.
+
+    quantize: affine `q_bits`-bit quantization in groups of `q_group_size` (Linear layers and the embedding).
+    dtype: cast the floating-point tensors ("float16", "bfloat16", "float32"); by default they keep theirs.
+    dequantize: turn an MLX-quantized model back into full precision.
+    q_keep: layers kept at other bits, `{"embed_tokens": 8}` or the CLI form "embed_tokens,lm_head=8".
+    force: replace an existing non-empty `mlx_path` (only once the new folder is complete).
+    """
+    if quantize and dequantize:
+        raise QwenMLXError("choose either --quantize or --dequantize, not both")
+    if dtype is not None and dtype not in DTYPES:
+        raise QwenMLXError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    layer_bits = parse_q_keep([q_keep]) if isinstance(q_keep, str) else dict(q_keep or {})
+    if layer_bits and not quantize:
+        raise QwenMLXError("--q-keep only applies when quantizing; add -q")
+    if quantize:
+        check_quantization(q_bits, q_group_size)
+    # Resolved, so that "." or "out/.." name a folder with a real name and parent to stage beside.
+    target = Path(mlx_path).expanduser().resolve()
+    check_target(target, force)
+
+    source = resolve_model_path(hf_path)
+    check_apart(source, target)
+    if not (source / "tokenizer.json").exists():
+        raise QwenMLXError(f"{source}: no tokenizer.json, without which the result cannot load; add it first")
+    model, _ = load_model(source, lazy=True)
+    already_quantized = model.config.quantization
+    if quantize and already_quantized:
+        raise QwenMLXError(f"{source}: the model is already quantized; convert it with -d first, or drop -q")
+    if dequantize and not already_quantized:
+        raise QwenMLXError(f"{source}: the model is not quantized, there is nothing to dequantize; drop -d")
+
+    if dtype is not None:
+        cast_floats(model, getattr(mx, dtype))
+    quantization = already_quantized
+    if quantize:
+        quantization = quantize_model(model, q_bits, q_group_size, layer_bits)
+    if dequantize:
+        dequantize_model(model)
+        quantization = None
+    parameters = parameter_count(model)
+    weights = dict(tree_flatten(model.parameters()))
+    # From here `weights` holds the only references, so each tensor is freed once its shard is written.
+    del model
+    tensor_bytes = sum(v.nbytes for v in weights.values())
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    staging.mkdir()
+    try:
+        write_weights(staging, weights, parameters, max_shard_bytes)
+        write_json(staging / "config.json", output_config(read_json(source / "config.json"), quantization))
+        copy_tokenizer_files(source, staging)
+        output_bytes = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
+        move_into_place(staging, target, force)
+    except BaseException as e:  # Ctrl-C included: leave nothing half-written behind
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a read-only folder: the user's to fix
+            raise QwenMLXError(f"{target}: writing failed ({e}); nothing was written") from None
+        raise
+    return ConversionSummary(
+        mlx_path=target,
+        source_bytes=sum(p.stat().st_size for p in weight_files(source)),
+        output_bytes=output_bytes,
+        bits_per_weight=tensor_bytes * 8 / parameters,
+        quantization=quantization,
+    )
+
+
+def parse_q_keep(specs: Sequence[str]) -> dict[str, int]:
+    """`["embed_tokens,lm_head=8", "down_proj=6"]` → `{"embed_tokens": 8, "lm_head": 8, "down_proj": 6}`.
+
+    Each spec is comma-separated layer names with an optional `=BITS` for all of them (8 when left out).
+    """
+    layer_bits: dict[str, int] = {}
+    for spec in specs:
+        names, _, bits = spec.partition("=")
+        try:
+            value = int(bits) if bits else 8
+        except ValueError:
+            raise QwenMLXError(
+                f"--q-keep {spec!r}: {bits!r} is not a number of bits; write e.g. embed_tokens,lm_head=8"
+            ) from None
+        layer_names = [n.strip() for n in names.split(",") if n.strip()]
+        if not layer_names:
+            raise QwenMLXError(f"--q-keep {spec!r}: no layer names; write e.g. embed_tokens,lm_head=8")
+        layer_bits.update(dict.fromkeys(layer_names, value))
+    return layer_bits
+
+
+def check_target(target: Path, force: bool) -> None:
+    """Refuse a target that would lose data, before any work is done."""
+    if target.exists() and not target.is_dir():
+        raise QwenMLXError(f"{target}: exists and is not a folder; pick another --mlx-path")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise QwenMLXError(
+            f"{target}: exists and is not empty; pass --force to replace it, or pick another --mlx-path"
+        )
+
+
+def check_apart(source: Path, target: Path) -> None:
+    """The target must neither be the source nor hold it nor sit inside it: the source is never modified."""
+    s, t = source.resolve(), target.resolve()
+    if s == t or s in t.parents or t in s.parents:
+        raise QwenMLXError(f"{target}: overlaps the source folder {source}; pick an --mlx-path outside it")
+
+
+def cast_floats(model: Any, dtype: mx.Dtype) -> None:
+    """Cast every floating-point parameter (integer ones, like packed quantized weights, stay as they are)."""
+    model.update(
+        tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v, model.parameters())
+    )
+
+
+def plan_shards(weights: dict[str, mx.array], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names per shard, in order; a tensor over the limit gets a shard of its own (as in mlx-lm)."""
+    shards: list[list[str]] = []
+    size = 0
+    for name, array in weights.items():
+        if not shards or size + array.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += array.nbytes
+    return shards
+
+
+def write_weights(folder: Path, weights: dict[str, mx.array], parameters: int, max_shard_bytes: int) -> None:
+    """Evaluate and write the tensors shard by shard, with a progress bar; consumes `weights`."""
+    shards = plan_shards(weights, max_shard_bytes)
+    n = len(shards)
+    file_names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    if n == 1:
+        file_names = ["model.safetensors"]
+    total = sum(v.nbytes for v in weights.values())
+    weight_map: dict[str, str] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Converting") as bar:
+        for file_name, names in zip(file_names, shards, strict=True):
+            shard = {}
+            for name in names:
+                bar.set_postfix_str(name, refresh=False)
+                array = weights.pop(name)
+                mx.eval(array)
+                shard[name] = array
+                bar.update(array.nbytes)
+            write_shard(folder / file_name, shard)
+            weight_map.update(dict.fromkeys(names, file_name))
+            del shard
+    index = {
+        "metadata": {"total_size": total, "total_parameters": parameters},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    write_json(folder / "model.safetensors.index.json", index)
+
+
+def write_shard(path: Path, tensors: dict[str, mx.array]) -> None:
+    mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})
+
+
+def output_config(config: dict[str, Any], quantization: dict[str, Any] | None) -> dict[str, Any]:
+    """The source's config.json with the new quantization block (twice, as mlx-lm writes it), keys sorted."""
+    dropped = ("_name_or_path", "quantization", "quantization_config")
+    config = {k: v for k, v in config.items() if k not in dropped}
+    # transformers >= 5 keeps the rope settings only in `rope_parameters`, which mlx-lm does not read: without
+    # the classic keys it would silently run the model with its default rope_theta.
+    rope = dict(config.get("rope_parameters") or {})
+    if "rope_theta" in rope:
+        config.setdefault("rope_theta", rope.pop("rope_theta"))
+    if rope.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", rope)
+    if quantization:
+        config["quantization"] = quantization
+        config["quantization_config"] = quantization
+    return dict(sorted(config.items()))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=4)
+
+
+def copy_tokenizer_files(source: Path, folder: Path) -> None:
+    for path in sorted(source.iterdir()):
+        if path.name in COPIED_FILES or path.suffix == ".jinja":
+            shutil.copyfile(path, folder / path.name)
+
+
+def move_into_place(staging: Path, target: Path, force: bool) -> None:
+    """Rename the finished folder to the target; an old target goes only once the new one is in place."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        staging.rename(target)
+        return
+    check_target(target, force)  # it may have been filled while we converted
+    old = target.parent / f".{target.name}.{secrets.token_hex(4)}.old"
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old)
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The `convert` subcommand, with mlx_lm.convert's flags."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a Hugging Face Qwen2 model to MLX, optionally quantized",
+        description="Convert a Hugging Face Qwen2 / Qwen2.5 model (safetensors) into an MLX model folder "
+        "that qwen-mlx and mlx-lm both load, e.g. `qwen-mlx convert --hf-path Qwen/Qwen2.5-7B-Instruct -q`.",
+    )
+    parser.add_argument(
+        "--hf-path", "--model", required=True, help="local model folder or Hugging Face repo id"
+    )
+    parser.add_argument("--mlx-path", default="mlx_model", help="the folder to write (default: mlx_model)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
+    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight: 2, 3, 4, 6 or 8 (default 4)")
+    parser.add_argument(
+        "--q-group-size", type=int, default=64, help="quantization group size: 32, 64 or 128 (default 64)"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, help="type of the unquantized tensors (default: as stored in the source)"
+    )
+    parser.add_argument(
+        "-d", "--dequantize", action="store_true", help="turn an MLX-quantized model back into full precision"
+    )
+    parser.add_argument(
+        "--q-keep", action="append", default=[], metavar="NAMES[=BITS]",
+        help="quantize these layers with more bits (default 8), e.g. embed_tokens,lm_head=8 (repeatable)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --mlx-path")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = convert(
+        args.hf_path,
+        args.mlx_path,
+        quantize=args.quantize,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        dtype=args.dtype,
+        dequantize=args.dequantize,
+        q_keep=parse_q_keep(args.q_keep),
+        force=args.force,
+    )
+    print(summary)
+    return 0

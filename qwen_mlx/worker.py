@@ -1,0 +1,150 @@
+"""ModelWorker: one thread owns the model and runs every MLX operation; other threads send it requests.
+
+MLX streams are thread-local (mlx >= 0.31.2), and web servers run handlers on whichever thread is free, so the
+model, its caches and every array they touch stay on the worker's thread and its own stream. A request (`Job`)
+carries the prompt, a cancel flag and a queue that the worker fills with `GenerationChunk`s, the last of which
+has a `finish_reason` (or with the exception that ended it). One generation runs at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen_mlx.cache import PromptCache
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.generate import GenerationChunk, Prompt, stream_generate
+from qwen_mlx.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[], tuple[nn.Module, Tokenizer]]
+
+
+@dataclass
+class Job:
+    """One generation request; `stream_generate`'s keyword arguments go in `options`."""
+
+    session: str
+    prompt: Prompt
+    options: dict[str, Any] = field(default_factory=dict)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    chunks: queue.SimpleQueue[GenerationChunk | BaseException] = field(default_factory=queue.SimpleQueue)
+    done: threading.Event = field(default_factory=threading.Event)  # set once the last item is queued
+
+    def cancel(self) -> None:
+        """Stop the generation: the worker finishes it within one token, with finish_reason "cancelled"."""
+        self.cancelled.set()
+
+    def get(self, timeout: float | None = None) -> GenerationChunk | None:
+        """The next chunk, or None if none came within `timeout` seconds; raises the error that ended the job."""
+        try:
+            item = self.chunks.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class ModelWorker:
+    """Owns a model on a dedicated thread: loads it there, then serves `Job`s one at a time from a queue.
+
+    Each session (a conversation, a client) keeps its own PromptCache, so its next turn prefills only what is
+    new; the `max_sessions` most recently used caches are kept.
+    """
+
+    def __init__(
+        self,
+        load: Loader,
+        *,
+        max_kv_size: int | None = None,
+        max_sessions: int = 4,
+        on_status: Callable[[str], None] | None = None,
+    ):
+        self.max_kv_size = max_kv_size
+        self.max_sessions = max_sessions
+        self.model: nn.Module | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.load_error: BaseException | None = None
+        self.loaded = threading.Event()
+        self._load = load
+        self._on_status = on_status or (lambda message: None)
+        # Jobs, errands to run on this thread, and None to stop.
+        self._jobs: queue.SimpleQueue[Job | Callable[[], Any] | None] = queue.SimpleQueue()
+        self._caches: OrderedDict[str, PromptCache] = OrderedDict()
+        self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until the model is loaded (or failed to load); False if `timeout` ran out first."""
+        return self.loaded.wait(timeout)
+
+    def submit(self, session: str, prompt: Prompt, **options: Any) -> Job:
+        """Queue a generation of a reply to `prompt` in `session`; read its chunks with `job.get()`."""
+        job = Job(session, prompt, options)
+        self._jobs.put(job)
+        return job
+
+    def forget(self, session: str) -> None:
+        """Drop a session's cache (its conversation was deleted), in turn on the worker's thread."""
+        self._jobs.put(lambda: self._caches.pop(session, None))
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        with mx.stream(mx.new_stream(mx.default_device())):
+            self._on_status("loading the model")
+            try:
+                self.model, self.tokenizer = self._load()
+                self._on_status("ready")
+            except Exception as e:  # any failure is reported to every request, the thread lives on
+                self.load_error = e if isinstance(e, QwenMLXError) else QwenMLXError(f"the model failed to load: {e}")
+                log.error("the model failed to load", exc_info=not isinstance(e, QwenMLXError))
+                self._on_status(f"failed: {self.load_error}")
+            self.loaded.set()
+            while (job := self._jobs.get()) is not None:
+                if isinstance(job, Job):
+                    self._serve(job)
+                else:
+                    job()
+
+    def _serve(self, job: Job) -> None:
+        try:
+            if self.load_error is not None:
+                job.chunks.put(self.load_error)
+            elif job.cancelled.is_set():  # cancelled while waiting in the queue
+                job.chunks.put(GenerationChunk("", None, "cancelled"))
+            else:
+                for chunk in stream_generate(
+                    self.model, self.tokenizer, job.prompt,
+                    prompt_cache=self._cache(job.session), cancel=job.cancelled, **job.options,
+                ):
+                    job.chunks.put(chunk)
+        except QwenMLXError as e:
+            job.chunks.put(e)
+        except Exception as e:  # a bug in one request must not stop the worker
+            log.exception("generation failed")
+            # The cache may hold a half-written step: rebuild it next time.
+            self._caches.pop(job.session, None)
+            job.chunks.put(e)
+        finally:
+            job.done.set()
+
+    def _cache(self, session: str) -> PromptCache:
+        if session not in self._caches:
+            self._caches[session] = PromptCache.new(self.model, self.max_kv_size)
+            while len(self._caches) > self.max_sessions:
+                self._caches.popitem(last=False)
+        self._caches.move_to_end(session)
+        return self._caches[session]
