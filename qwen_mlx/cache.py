@@ -7,7 +7,6 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -215,7 +214,7 @@ def make_cache(model: nn.Module, max_kv_size: int | None = None, keep: int = 4) 
 
 def longest_common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -295,7 +294,8 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, metadata: dic
 def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
     """Read a file written by `save_prompt_cache`: the PromptCache and the metadata saved with it."""
     try:
-        arrays, header = mx.load(str(path), return_metadata=True)
+        # Named format: mx.load goes by the extension otherwise, and save_prompt_cache accepts any file name.
+        arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise QwenMLXError(f"{path}: cannot read the prompt cache ({e})") from None
     if header.get("format") != "qwen-mlx-prompt-cache":
@@ -303,6 +303,6 @@ def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
     classes = {"KVCache": KVCache, "RotatingKVCache": RotatingKVCache}
     caches = []
     for i, meta in enumerate(json.loads(header["layers"])):
-        layer_arrays = {name: arrays[f"layers.{i}.{name}"] for name in ("keys", "values") if f"layers.{i}.{name}" in arrays}
+        layer_arrays = {name: arrays[key] for name in ("keys", "values") if (key := f"layers.{i}.{name}") in arrays}
         caches.append(classes[meta.pop("type")].from_state(layer_arrays, meta))
     return PromptCache(caches, json.loads(header["tokens"])), json.loads(header["metadata"])

@@ -48,14 +48,14 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def print_stats(stats: Any, file: Any = sys.stderr) -> None:
+def print_stats(stats: Any) -> None:
     reused = stats.prompt_tokens - stats.prefilled_tokens
     print(
         f"prompt: {stats.prompt_tokens} tokens ({reused} reused from cache), {stats.prompt_tps:.1f} tokens/s | "
         f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | "
         f"first token: {stats.time_to_first_token:.2f} s | peak memory: {stats.peak_memory_gb:.2f} GB | "
         f"context: {stats.context_tokens}/{stats.context_size}",
-        file=file,
+        file=sys.stderr,
     )
 
 
@@ -144,6 +144,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             # Ctrl-C stops this reply, not the chat; the half reply is dropped from the conversation.
             print("\n[stopped]", file=sys.stderr)
+            messages.pop()
+            continue
+        except QwenMLXError as e:  # e.g. the conversation outgrew the context: say so and keep chatting
+            print(f"qwen-mlx: error: {e} (try /clear)", file=sys.stderr)
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": reply})

@@ -45,7 +45,7 @@ def write_random_qwen2(folder: Path, config: dict[str, Any], seed: int = 0) -> N
     # replies; norms and biases keep their init.
     weights = {
         name: (mx.random.normal(p.shape, key=k) * 0.25 if p.ndim == 2 else p).astype(mx.float16)
-        for (name, p), k in zip(params, keys)
+        for (name, p), k in zip(params, keys, strict=True)
     }
     mx.save_safetensors(str(folder / "model.safetensors"), weights, {"format": "mlx"})
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

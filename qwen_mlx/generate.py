@@ -56,9 +56,17 @@ class GenerationResult:
     tool_call_errors: list[str] = field(default_factory=list)
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, tools: list[dict[str, Any]] | None = None) -> list[int]:
-    """Token ids for a plain string (ordinary text), chat messages (the chat template), or ids as they are."""
+def encode_prompt(
+    tokenizer: Tokenizer, prompt: Prompt, vocab_size: int, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids for a plain string (ordinary text), chat messages (the chat template), or ids as they are.
+
+    Ids are checked against the model's vocabulary, which may be padded past the tokenizer's (Qwen2.5: 152064 vs
+    151665): a model can generate such ids, and they may be fed back.
+    """
     if isinstance(prompt, str):
+        if not prompt:
+            raise QwenMLXError("the prompt is empty")
         if tools:
             raise QwenMLXError("tools need chat messages as the prompt, e.g. [{'role': 'user', 'content': ...}]")
         return tokenizer.encode(prompt)
@@ -71,9 +79,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, tools: list[dict[str, An
                 raise QwenMLXError(f"chat message {m!r} needs a 'role' and a 'content'")
         return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True, tokenize=True)
     if all(isinstance(t, int) for t in items):
-        bad = [t for t in items if not 0 <= t < tokenizer.vocab_size]
+        bad = [t for t in items if not 0 <= t < vocab_size]
         if bad:
-            raise QwenMLXError(f"token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1})")
+            raise QwenMLXError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         return items
     raise QwenMLXError("the prompt must be a string, a list of chat messages (dicts) or a list of token ids")
 
@@ -153,7 +161,7 @@ def stream_generate(
     params = defaults.updated(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty
     )
-    prompt_ids = encode_prompt(tokenizer, prompt, tools)
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.vocab_size, tools)
     context_size = model.config.context_length
     if len(prompt_ids) >= context_size:
         raise QwenMLXError(

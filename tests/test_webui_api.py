@@ -1,0 +1,190 @@
+"""`qwen-mlx webui` over HTTP, driven by gradio_client as a program would: streaming, Stop, prefix reuse, sessions.
+
+The server runs as a subprocess on a free 127.0.0.1 port with a tiny random model whose end-of-turn tokens can never
+be sampled (so a reply runs until max tokens or Stop), slowed by QWEN_MLX_WEBUI_TOKEN_DELAY so Stop lands mid-reply.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TOKEN_DELAY = 0.02  # seconds per model step in the server under test
+CONTEXT = 4096  # the test model's context: an unstopped reply would run for over a minute
+STATS = re.compile(r"prompt (\d+) tokens \((\d+) prefilled\) · reply (\d+) tokens")
+
+
+def write_test_model(folder: Path, context: int) -> Path:
+    """A tiny random Qwen2 (byte-level tokenizer, real Qwen chat template) that never ends a reply by itself."""
+    import mlx.core as mx
+    from hf_models import TINY_VOCAB, write_tiny_tokenizer
+
+    from qwen_mlx.demo import write_random_qwen2
+    from qwen_mlx.tokenizer import Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_type": "qwen2", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": context, "rope_theta": 10000.0, "tie_word_embeddings": True,
+    }
+    write_random_qwen2(folder, config)
+    write_tiny_tokenizer(folder)
+    # Zero embeddings for the end-of-turn ids: with tied embeddings their logit is 0, which is never among the
+    # top 20 (generation_config's top_k) of 320 logits of spread ~2.
+    path = folder / "model.safetensors"
+    weights = mx.load(str(path))
+    weights["model.embed_tokens.weight"][mx.array(Tokenizer.from_folder(folder).eos_token_ids)] = 0
+    mx.save_safetensors(str(path), weights)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, home: Path, token_delay: float) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m qwen_mlx.cli webui` on a free port; returns the process and its URL once it answers."""
+    port = free_port()
+    env = {**os.environ, "QWEN_MLX_HOME": str(home), "QWEN_MLX_WEBUI_TOKEN_DELAY": str(token_delay),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / f"server-{port}.log"
+    with open(log_path, "wb") as log:  # the server keeps its own handle
+        process = subprocess.Popen(
+            [sys.executable, "-m", "qwen_mlx.cli", "webui", "--model", str(model), "--port", str(port),
+             "--max-queue", "8"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return process, url
+        except OSError:
+            time.sleep(0.3)
+    stop_server(process)
+    raise RuntimeError(f"the server did not answer in 90 s: {log_path.read_text()}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def texts(chat: list[dict[str, Any]]) -> list[str]:
+    """The text of each Chatbot message as gradio_client returns them."""
+    return ["".join(part.get("text", "") for part in m["content"]) for m in chat]
+
+
+def reply_stats(text: str) -> tuple[int, int, int]:
+    """(prompt tokens, prefilled tokens, reply tokens) from the statistics line under a reply."""
+    match = STATS.search(text)
+    assert match, f"no statistics under the reply: {text[-300:]!r}"
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("webui")
+    model = write_test_model(root / "model", context=CONTEXT)
+    process, url = start_server(model, root / "home", TOKEN_DELAY)
+    yield url, root / "home"
+    stop_server(process)
+
+
+def client(url: str) -> Any:
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def test_reply_streams_in_growing_updates_and_ends_with_statistics(server: tuple[str, Path]) -> None:
+    job = client(server[0]).submit("Hello there", max_tokens=40, api_name="/send")
+    replies = [texts(update[0])[-1] for update in job if len(update[0]) == 2]
+    final = texts(job.result()[0])
+    assert final[0] == "Hello there"
+    streamed = [r for r in replies if "prompt" not in r and r != "…"]
+    assert len(streamed) >= 3, "the reply arrived in one piece, not streamed"
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:], strict=False)), "updates must only grow"
+    prompt, prefilled, generated = reply_stats(final[1])
+    assert generated == 40 and prefilled == prompt
+    assert "max tokens reached" in final[1]
+
+
+def test_cancel_stops_the_generation_loop_and_the_next_request_is_served_at_once(server: tuple[str, Path]) -> None:
+    c = client(server[0])
+    job = c.submit("Talk forever", max_tokens=8192, api_name="/send")  # would run into the context: 80 s
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        outputs = job.outputs()
+        if outputs and len(outputs[-1][0]) == 2 and len(texts(outputs[-1][0])[1]) > 10:
+            break
+        time.sleep(0.05)
+    started = time.monotonic()
+    job.cancel()  # gradio_client's /cancel: Gradio closes the handler's generator, whose `finally` sets the flag
+
+    # Another session's request: the worker runs one generation at a time, so this reply comes at once only if
+    # the cancelled generation's loop stopped.
+    other = texts(client(server[0]).predict("Anyone there?", max_tokens=5, api_name="/send")[0])
+    assert time.monotonic() - started < 5
+    assert reply_stats(other[1])[2] == 5
+
+    # The stopped reply keeps what was generated, with its statistics.
+    chat = texts(c.predict("And now?", max_tokens=5, api_name="/send")[0])
+    assert len(chat) == 4 and "stopped" in chat[1]
+    _, _, generated = reply_stats(chat[1])
+    assert generated < (time.monotonic() - started + 2) / TOKEN_DELAY < CONTEXT, "the cancelled reply went on"
+    assert reply_stats(chat[3])[2] == 5
+
+
+def test_follow_up_turn_prefills_only_what_is_new(server: tuple[str, Path]) -> None:
+    c = client(server[0])
+    first = texts(c.predict("What is the capital of France?", max_tokens=8, api_name="/send")[0])
+    prompt1, prefilled1, _ = reply_stats(first[1])
+    assert prefilled1 == prompt1
+    second = texts(c.predict("And of Italy?", max_tokens=8, api_name="/send")[0])
+    prompt2, prefilled2, _ = reply_stats(second[3])
+    # The first turn's prompt (at least) came from the conversation's cache, not from a second read.
+    assert prompt2 - prefilled2 >= prompt1
+
+
+def test_two_clients_see_only_their_own_conversation(server: tuple[str, Path]) -> None:
+    alice, bob = client(server[0]), client(server[0])
+    alice_chat = texts(alice.predict("alice's apple", max_tokens=3, api_name="/send")[0])
+    bob_chat = texts(bob.predict("bob's banana", max_tokens=3, api_name="/send")[0])
+    assert alice_chat[0] == "alice's apple" and bob_chat[0] == "bob's banana"
+    assert len(bob_chat) == 2 and not any("apple" in t for t in bob_chat)
+    alice_again = alice.predict(api_name="/new_chat")
+    saved_titles = [title for title, _ in alice_again[2]["choices"]]  # (chat, message box, list)
+    assert "alice's apple" in saved_titles and "bob's banana" not in saved_titles
+
+
+def test_prompt_longer_than_the_context_is_an_error_in_the_chat_and_the_server_goes_on(
+    server: tuple[str, Path],
+) -> None:
+    c = client(server[0])
+    chat = texts(c.predict("x" * CONTEXT, max_tokens=5, api_name="/send")[0])  # one byte token per "x"
+    assert "Error" in chat[1] and "context" in chat[1]
+    chat = texts(c.predict("short", max_tokens=5, api_name="/send")[0])
+    # The failed exchange stays visible but is not sent to the model again.
+    assert reply_stats(chat[3])[0] < 100
