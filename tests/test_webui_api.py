@@ -55,9 +55,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, home: Path, token_delay: float) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m qwen_mlx.cli webui` on a free port; returns the process and its URL once it answers."""
-    port = free_port()
+def start_server(model: Path, home: Path, token_delay: float,
+                 port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m qwen_mlx.cli webui` on `port` (default: a free one); the process and its URL once it answers."""
+    port = port or free_port()
     env = {**os.environ, "QWEN_MLX_HOME": str(home), "QWEN_MLX_WEBUI_TOKEN_DELAY": str(token_delay),
            "GRADIO_ANALYTICS_ENABLED": "False"}
     home.mkdir(parents=True, exist_ok=True)
