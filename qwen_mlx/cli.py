@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     from qwen_mlx.converter.convert import add_parser as add_convert_parser
 
     add_convert_parser(sub)
+
+    from qwen_mlx.webui.cli import add_parser as add_webui_parser
+
+    add_webui_parser(sub)
     return parser
 
 

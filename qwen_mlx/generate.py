@@ -118,13 +118,26 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def prefill(model: nn.Module, tokens: list[int], prompt_cache: PromptCache, step_size: int) -> None:
-    """Run `tokens` through the model into the cache, `step_size` at a time so activations stay bounded."""
+def prefill(
+    model: nn.Module,
+    tokens: list[int],
+    prompt_cache: PromptCache,
+    step_size: int,
+    cancel: threading.Event | None = None,
+) -> bool:
+    """Run `tokens` through the model into the cache, `step_size` at a time so activations stay bounded.
+
+    Returns False if `cancel` was set between two chunks (a long prompt can take minutes on a CPU); the cache then
+    holds the chunks done so far, and `prompt_cache.tokens` says which.
+    """
     for start in range(0, len(tokens), step_size):
+        if cancel is not None and cancel.is_set():
+            return False
         chunk = tokens[start : start + step_size]
         model(mx.array(chunk)[None], cache=prompt_cache.caches)
         mx.eval([c.keys for c in prompt_cache.caches] + [c.values for c in prompt_cache.caches])
         prompt_cache.tokens += chunk
+    return True
 
 
 def stream_generate(
@@ -181,7 +194,9 @@ def stream_generate(
     todo = prompt_cache.reuse(prompt_ids)
     stats = GenerationStats(prompt_tokens=len(prompt_ids), prefilled_tokens=len(todo), context_size=context_size)
     # All but the last prompt token are prefilled in chunks; the last one's logits give the first reply token.
-    prefill(model, todo[:-1], prompt_cache, prefill_step_size)
+    if not prefill(model, todo[:-1], prompt_cache, prefill_step_size, cancel):
+        yield GenerationChunk("", None, "cancelled", stats)
+        return
     if on_prefill:
         on_prefill(len(todo), len(prompt_ids))
 

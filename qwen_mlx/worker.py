@@ -78,9 +78,11 @@ class ModelWorker:
         self.loaded = threading.Event()
         self._load = load
         self._on_status = on_status or (lambda message: None)
-        # Jobs, errands to run on this thread, and None to stop.
-        self._jobs: queue.SimpleQueue[Job | Callable[[], Any] | None] = queue.SimpleQueue()
+        # Jobs, and errands to run on this thread in turn.
+        self._jobs: queue.SimpleQueue[Job | Callable[[], Any]] = queue.SimpleQueue()
         self._caches: OrderedDict[str, PromptCache] = OrderedDict()
+        self._current: Job | None = None
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
         self._thread.start()
 
@@ -99,8 +101,17 @@ class ModelWorker:
         self._jobs.put(lambda: self._caches.pop(session, None))
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+        """Cancel the running and waiting jobs (new ones are cancelled too) and wait until the thread is idle.
+
+        Call it before the interpreter exits: a thread inside MLX then aborts the process. The thread itself stays
+        parked rather than ending, since MLX's thread-local cleanup at thread exit also needs the interpreter.
+        """
+        self._closing.set()
+        if self._current is not None:
+            self._current.cancel()
+        idle = threading.Event()
+        self._jobs.put(idle.set)
+        idle.wait()
 
     def _run(self) -> None:
         with mx.stream(mx.new_stream(mx.default_device())):
@@ -113,17 +124,19 @@ class ModelWorker:
                 log.error("the model failed to load", exc_info=not isinstance(e, QwenMLXError))
                 self._on_status(f"failed: {self.load_error}")
             self.loaded.set()
-            while (job := self._jobs.get()) is not None:
+            while True:
+                job = self._jobs.get()
                 if isinstance(job, Job):
                     self._serve(job)
                 else:
                     job()
 
     def _serve(self, job: Job) -> None:
+        self._current = job
         try:
             if self.load_error is not None:
                 job.chunks.put(self.load_error)
-            elif job.cancelled.is_set():  # cancelled while waiting in the queue
+            elif job.cancelled.is_set() or self._closing.is_set():  # cancelled while waiting in the queue
                 job.chunks.put(GenerationChunk("", None, "cancelled"))
             else:
                 for chunk in stream_generate(
@@ -139,6 +152,10 @@ class ModelWorker:
             self._caches.pop(job.session, None)
             job.chunks.put(e)
         finally:
+            # A cancelled generation leaves its next step computing: wait for it, so that nothing runs on
+            # this thread's stream between jobs or when the process exits (MLX then aborts).
+            mx.synchronize()
+            self._current = None
             job.done.set()
 
     def _cache(self, session: str) -> PromptCache:

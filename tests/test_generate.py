@@ -184,3 +184,29 @@ def test_bad_generation_input_is_a_user_error(tiny: tuple, prompt: object, kwarg
     model, tokenizer = tiny
     with pytest.raises(QwenMLXError, match=message):
         qwen_mlx.generate(model, tokenizer, prompt, **kwargs)
+
+
+def test_cancel_during_a_long_prompt_stops_between_prefill_chunks(tiny: tuple) -> None:
+    model, tokenizer = tiny
+    cancel = threading.Event()
+    prompt_cache = PromptCache.new(model)
+    calls = 0
+    original = model.__call__
+
+    class CountingModel:
+        """Cancels once the second prefill chunk has run, as a user pressing Stop mid-prompt would."""
+
+        config, layers, sampling_defaults = model.config, model.layers, model.sampling_defaults
+
+        def __call__(self, ids: mx.array, cache: list) -> mx.array:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                cancel.set()
+            return original(ids, cache=cache)
+
+    chunks = list(qwen_mlx.stream_generate(CountingModel(), tokenizer, list(range(1, 101)), temperature=0,
+                                           prefill_step_size=16, prompt_cache=prompt_cache, cancel=cancel))
+    assert [c.finish_reason for c in chunks] == ["cancelled"]
+    assert calls == 2
+    assert prompt_cache.tokens == list(range(1, 33)) and prompt_cache.offset == 32

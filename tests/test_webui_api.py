@@ -189,3 +189,17 @@ def test_prompt_longer_than_the_context_is_an_error_in_the_chat_and_the_server_g
     chat = texts(c.predict("short", max_tokens=5, api_name="/send")[0])
     # The failed exchange stays visible but is not sent to the model again.
     assert reply_stats(chat[3])[0] < 100
+
+
+def test_a_model_that_fails_to_load_is_an_error_in_the_chat_and_the_server_goes_on(tmp_path: Path) -> None:
+    broken = tmp_path / "llama"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    process, url = start_server(broken, tmp_path / "home", token_delay=0)
+    try:
+        c = client(url)
+        for question in ("Hello?", "Still there?"):
+            chat = texts(c.predict(question, api_name="/send")[0])
+            assert "Error" in chat[-1] and "model_type is 'llama'" in chat[-1]
+    finally:
+        stop_server(process)
