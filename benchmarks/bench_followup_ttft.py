@@ -19,34 +19,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qwen_mlx.demo import DEMO_CONFIG, write_random_model
+
 # Qwen2.5's vocabulary and tokenizer; a few small layers, so that reading 1,024 tokens takes a visible second on
 # a CPU while a 16-token message takes a few milliseconds.
-SMALL_QWEN2: dict[str, Any] = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "vocab_size": 151665,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-}
+SMALL_QWEN2: dict[str, Any] = {**DEMO_CONFIG, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4}
 REPLY_TOKENS = 8
 
 
 def build_random_model(folder: Path) -> Path:
     """A random-weight Qwen2 (float16) with Qwen2.5's real tokenizer, written by qwen-mlx itself, offline."""
-    from qwen_mlx.demo import write_random_qwen2
-    from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
-
     print("Building a small random Qwen2 ...", file=sys.stderr)
-    write_random_qwen2(folder, SMALL_QWEN2)
-    write_qwen_tokenizer(folder)
-    return folder
+    return write_random_model(folder, SMALL_QWEN2)
 
 
 def token_ids(n: int, start: int, vocab_size: int) -> list[int]:

@@ -17,20 +17,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+import qwen_mlx
+from qwen_mlx.demo import DEMO_CONFIG, write_random_model
+
 # Qwen2.5-0.5B's shapes (its config.json), the smallest real Qwen2.5.
 QWEN25_05B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
+    **DEMO_CONFIG,
     "vocab_size": 151936,
     "hidden_size": 896,
     "intermediate_size": 4864,
     "num_hidden_layers": 24,
     "num_attention_heads": 14,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
 }
 
 RUN_OURS = """
@@ -58,15 +56,10 @@ print(json.dumps({"prompt_tps": r.prompt_tps, "generation_tps": r.generation_tps
 
 
 def build_random_model(workdir: Path) -> Path:
-    import qwen_mlx
-    from qwen_mlx.demo import write_random_qwen2
-    from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
-
     source = workdir / "float16"
     source.mkdir()
     print("Building a random Qwen2.5-0.5B-shaped model and converting it to 4 bits ...", file=sys.stderr)
-    write_random_qwen2(source, QWEN25_05B)
-    write_qwen_tokenizer(source)
+    write_random_model(source, QWEN25_05B)
     qwen_mlx.convert(source, workdir / "4bit", quantize=True)
     return workdir / "4bit"
 

@@ -19,34 +19,25 @@ from typing import Any
 
 import mlx.core as mx
 
+from qwen_mlx.demo import DEMO_CONFIG, write_random_model
+
 # Small enough to decode a few thousand tokens in a minute on a CPU, with four full KV heads so that the cache, not
 # the logits, is what grows. The vocabulary is cut to Qwen's first 4,096 ids (the prompt stays below it) so that
 # decoding is not all output projection.
 SMALL_QWEN2: dict[str, Any] = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
+    **DEMO_CONFIG,
     "vocab_size": 4096,
     "hidden_size": 256,
     "intermediate_size": 512,
     "num_hidden_layers": 4,
-    "num_attention_heads": 4,
     "num_key_value_heads": 4,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
 }
 
 
 def build_random_model(folder: Path) -> Path:
     """A random-weight Qwen2 (float16) with Qwen2.5's real tokenizer, written by qwen-mlx itself, offline."""
-    from qwen_mlx.demo import write_random_qwen2
-    from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
-
     print("Building a small random Qwen2 ...", file=sys.stderr)
-    write_random_qwen2(folder, SMALL_QWEN2)
-    write_qwen_tokenizer(folder)
-    return folder
+    return write_random_model(folder, SMALL_QWEN2)
 
 
 def added_peak(generate: Any) -> tuple[int, int]:

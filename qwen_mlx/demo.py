@@ -51,18 +51,24 @@ def write_random_qwen2(folder: Path, config: dict[str, Any], seed: int = 0) -> N
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def demo_model_folder(cache_dir: Path) -> Path:
-    """The demo model's folder under `cache_dir`, built there the first time (atomically: build, then rename)."""
+def write_random_model(folder: Path, config: dict[str, Any] = DEMO_CONFIG, seed: int = 0) -> Path:
+    """A complete model folder: random Qwen2 weights for `config` and Qwen2.5's real tokenizer files."""
     from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
 
+    write_random_qwen2(folder, config, seed)
+    write_qwen_tokenizer(folder)
+    return folder
+
+
+def demo_model_folder(cache_dir: Path) -> Path:
+    """The demo model's folder under `cache_dir`, built there the first time (atomically: build, then rename)."""
     folder = cache_dir / DEMO_NAME
     if (folder / "config.json").exists():
         return folder
     cache_dir.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}.", dir=cache_dir))
     try:
-        write_random_qwen2(build, DEMO_CONFIG)
-        write_qwen_tokenizer(build)
+        write_random_model(build)
         build.rename(folder)
     except OSError:
         if not (folder / "config.json").exists():  # not a concurrent build that finished first
