@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hf_models import REFERENCE_DIR
 
 from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
 
@@ -12,7 +13,7 @@ from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """Qwen2.5-7B-Instruct's official tokenizer_config.json, generation_config.json and config.json."""
-    return (Path(__file__).resolve().parent.parent / ".." / "shared" / "reference" / "qwen2.5-7b-instruct").resolve()
+    return REFERENCE_DIR
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "qwen2.5-7b-instruct"
+from qwen_mlx.qwen_tokenizer_files import QWEN25_REFERENCE_DIR
+
+# Qwen2.5-7B-Instruct's official configs: the shared reference beside the repository when there is one (CI, the
+# team's machines), else the copy the package ships (checked equal to it in test_tokenizer.py).
+SHARED_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "qwen2.5-7b-instruct"
+REFERENCE_DIR = SHARED_REFERENCE_DIR if SHARED_REFERENCE_DIR.is_dir() else QWEN25_REFERENCE_DIR
 
 # A byte-level tokenizer small enough for tiny models: the 256 bytes, a few merges, and Qwen's chat markers.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>"]

@@ -210,8 +210,13 @@ def test_injected_markers_in_user_controlled_text_do_not_become_control_ids(toke
     assert tokenizer.decode(ids) == text
 
 
-def test_packaged_reference_files_equal_the_official_ones(reference_dir: Path) -> None:
+def test_packaged_reference_files_equal_the_official_ones() -> None:
+    from hf_models import SHARED_REFERENCE_DIR
+
     from qwen_mlx.qwen_tokenizer_files import QWEN25_REFERENCE_DIR
 
+    if not SHARED_REFERENCE_DIR.is_dir():
+        pytest.skip("no shared/reference beside the repository")
+    reference_dir = SHARED_REFERENCE_DIR
     for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
         assert (QWEN25_REFERENCE_DIR / name).read_bytes() == (reference_dir / name).read_bytes()
