@@ -1,0 +1,88 @@
+"""ModelWorker: every MLX op on its own thread, requests from any thread, per-session caches, failures contained."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from hf_models import save_tiny_qwen2
+
+import qwen_mlx
+from qwen_mlx import QwenMLXError
+from qwen_mlx.worker import Job, ModelWorker
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def worker(folder: Path) -> ModelWorker:
+    worker = ModelWorker(lambda: qwen_mlx.load(folder))
+    assert worker.wait_loaded(60) and worker.load_error is None
+    yield worker
+    worker.close()
+
+
+def drain(job: Job) -> list[qwen_mlx.GenerationChunk]:
+    chunks = []
+    while not chunks or chunks[-1].finish_reason is None:
+        chunk = job.get(timeout=60)
+        assert chunk is not None, "the worker stopped answering"
+        chunks.append(chunk)
+    return chunks
+
+
+def in_new_thread(fn):  # noqa: ANN001, ANN201
+    """Run `fn` on a fresh thread, which has no MLX stream of its own (as Gradio's and uvicorn's workers)."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(value=fn()))
+    thread.start()
+    thread.join(120)
+    return result["value"]
+
+
+def test_requests_from_threads_without_an_mlx_stream_are_served(worker: ModelWorker, folder: Path) -> None:
+    messages = [{"role": "user", "content": "hello"}]
+    chunks = in_new_thread(lambda: drain(worker.submit("a", messages, temperature=0, max_tokens=6)))
+    model, tokenizer = qwen_mlx.load(folder)
+    expected = qwen_mlx.generate(model, tokenizer, messages, temperature=0, max_tokens=6)
+    assert [c.token for c in chunks if c.token is not None] == expected.tokens
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_a_session_reuses_its_own_cache_and_not_anothers(worker: ModelWorker) -> None:
+    first = [{"role": "user", "content": "one two three"}]
+    stats = drain(worker.submit("s1", first, temperature=0, max_tokens=4))[-1].stats
+    again = drain(worker.submit("s1", first, temperature=0, max_tokens=4))[-1].stats
+    other = drain(worker.submit("s2", first, temperature=0, max_tokens=4))[-1].stats
+    assert stats.prefilled_tokens == stats.prompt_tokens
+    assert again.prefilled_tokens == 1  # the same prompt again: only its last token is recomputed
+    assert other.prefilled_tokens == other.prompt_tokens
+
+
+def test_cancel_ends_the_job_and_the_worker_goes_on(worker: ModelWorker) -> None:
+    job = worker.submit("c", "count", temperature=0, max_tokens=500)
+    assert job.get(timeout=60) is not None
+    job.cancel()
+    chunks = drain(job)
+    assert chunks[-1].finish_reason == "cancelled"
+    assert chunks[-1].stats.generation_tokens < 500
+    assert drain(worker.submit("c", "next", temperature=0, max_tokens=2))[-1].finish_reason == "length"
+
+
+def test_user_errors_are_raised_to_the_caller_and_the_worker_goes_on(worker: ModelWorker) -> None:
+    with pytest.raises(QwenMLXError, match="max_tokens"):
+        drain(worker.submit("e", "hi", max_tokens=0))
+    assert drain(worker.submit("e", "hi", temperature=0, max_tokens=2))[-1].finish_reason == "length"
+
+
+def test_a_failed_load_is_reported_to_every_request() -> None:
+    worker = ModelWorker(lambda: qwen_mlx.load("/no/such/model"))
+    assert worker.wait_loaded(30)
+    for _ in range(2):
+        with pytest.raises(QwenMLXError, match="no such folder"):
+            drain(worker.submit("x", "hi"))
+    worker.close()
