@@ -86,6 +86,85 @@ class KVCache:
         return cache
 
 
+class QuantizedKVCache:
+    """A KVCache whose keys and values are stored as `bits`-bit affine groups (`mx.quantize`), as mlx-lm's
+    QuantizedKVCache: at 4 bits a long context takes a quarter of the float16 memory. Attention then runs on the
+    quantized tensors directly (`model.quantized_attention`)."""
+
+    step = 256
+
+    def __init__(self, group_size: int = 64, bits: int = 8) -> None:
+        if bits not in (4, 8):
+            raise QwenMLXError(f"kv_bits {bits} is not supported; use 4 or 8")
+        self.group_size = group_size
+        self.bits = bits
+        self.keys: tuple[mx.array, mx.array, mx.array] | None = None
+        self.values: tuple[mx.array, mx.array, mx.array] | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
+        if keys.shape[-1] % self.group_size:
+            raise QwenMLXError(
+                f"kv_group_size {self.group_size} does not divide the head size {keys.shape[-1]}; try 32 or 64"
+            )
+        prev, length = self.offset, keys.shape[2]
+        if self.keys is None or prev + length > self.keys[0].shape[2]:
+            B, heads = keys.shape[:2]
+            size = (self.step + length - 1) // self.step * self.step
+
+            def grown(old: tuple[mx.array, ...] | None, dim: int, dtype: mx.Dtype) -> tuple[mx.array, ...]:
+                groups = dim // self.group_size
+                shapes = [(dim * self.bits // 32, mx.uint32), (groups, dtype), (groups, dtype)]
+                new = [mx.zeros((B, heads, size, d), t) for d, t in shapes]
+                if old is None:
+                    return tuple(new)
+                return tuple(mx.concatenate([o[..., :prev, :], n], axis=2) for o, n in zip(old, new, strict=True))
+
+            self.keys = grown(self.keys, keys.shape[-1], keys.dtype)
+            self.values = grown(self.values, values.shape[-1], values.dtype)
+        self.offset += length
+        for stored, new in ((self.keys, keys), (self.values, values)):
+            for buffer, part in zip(stored, mx.quantize(new, group_size=self.group_size, bits=self.bits), strict=True):
+                buffer[..., prev : self.offset, :] = part
+        return (
+            tuple(k[..., : self.offset, :] for k in self.keys),
+            tuple(v[..., : self.offset, :] for v in self.values),
+        )
+
+    def make_mask(self, length: int) -> mx.array | None:
+        # The quantized attention has no fused causal mode: spell the mask out.
+        return causal_mask(length, self.offset) if length > 1 else None
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else sum(a.nbytes for a in (*self.keys, *self.values))
+
+    def state(self) -> tuple[dict[str, mx.array], dict[str, int]]:
+        meta = {"offset": self.offset, "group_size": self.group_size, "bits": self.bits}
+        if self.keys is None:
+            return {}, meta
+        arrays = {f"keys.{i}": a[..., : self.offset, :] for i, a in enumerate(self.keys)}
+        arrays.update({f"values.{i}": a[..., : self.offset, :] for i, a in enumerate(self.values)})
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, mx.array], meta: dict[str, int]) -> QuantizedKVCache:
+        cache = cls(meta["group_size"], meta["bits"])
+        if arrays:
+            cache.keys = tuple(arrays[f"keys.{i}"] for i in range(3))
+            cache.values = tuple(arrays[f"values.{i}"] for i in range(3))
+        cache.offset = meta["offset"]
+        return cache
+
+
 class RotatingKVCache:
     """At most `max_size` positions: the first `keep` (attention sinks) stay forever, the rest is a ring buffer.
 
@@ -202,11 +281,22 @@ class RotatingKVCache:
         return cache
 
 
-Cache = KVCache | RotatingKVCache
+Cache = KVCache | QuantizedKVCache | RotatingKVCache
 
 
-def make_cache(model: nn.Module, max_kv_size: int | None = None, keep: int = 4) -> list[Cache]:
-    """One cache per layer: preallocated and unbounded, or rotating with `max_kv_size` positions."""
+def make_cache(
+    model: nn.Module,
+    max_kv_size: int | None = None,
+    keep: int = 4,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+) -> list[Cache]:
+    """One cache per layer: preallocated and unbounded, rotating with `max_kv_size` positions, or quantized to
+    `kv_bits` (4 or 8) for long contexts in less memory."""
+    if max_kv_size is not None and kv_bits is not None:
+        raise QwenMLXError("choose either a rotating cache (max_kv_size) or a quantized one (kv_bits), not both")
+    if kv_bits is not None:
+        return [QuantizedKVCache(kv_group_size, kv_bits) for _ in model.layers]
     if max_kv_size is None:
         return [KVCache() for _ in model.layers]
     return [RotatingKVCache(max_kv_size, keep) for _ in model.layers]
@@ -230,8 +320,15 @@ class PromptCache:
     tokens: list[int] = field(default_factory=list)
 
     @classmethod
-    def new(cls, model: nn.Module, max_kv_size: int | None = None, keep: int = 4) -> PromptCache:
-        return cls(make_cache(model, max_kv_size, keep))
+    def new(
+        cls,
+        model: nn.Module,
+        max_kv_size: int | None = None,
+        keep: int = 4,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ) -> PromptCache:
+        return cls(make_cache(model, max_kv_size, keep, kv_bits, kv_group_size))
 
     @property
     def offset(self) -> int:
@@ -263,6 +360,8 @@ class PromptCache:
 def _empty_like(cache: Cache) -> Cache:
     if isinstance(cache, RotatingKVCache):
         return RotatingKVCache(cache.max_size, cache.keep)
+    if isinstance(cache, QuantizedKVCache):
+        return QuantizedKVCache(cache.group_size, cache.bits)
     return KVCache()
 
 
@@ -300,9 +399,10 @@ def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
         raise QwenMLXError(f"{path}: cannot read the prompt cache ({e})") from None
     if header.get("format") != "qwen-mlx-prompt-cache":
         raise QwenMLXError(f"{path}: not a qwen-mlx prompt cache (write one with `qwen-mlx cache-prompt`)")
-    classes = {"KVCache": KVCache, "RotatingKVCache": RotatingKVCache}
+    classes = {"KVCache": KVCache, "QuantizedKVCache": QuantizedKVCache, "RotatingKVCache": RotatingKVCache}
     caches = []
     for i, meta in enumerate(json.loads(header["layers"])):
-        layer_arrays = {name: arrays[key] for name in ("keys", "values") if (key := f"layers.{i}.{name}") in arrays}
+        prefix = f"layers.{i}."
+        layer_arrays = {name[len(prefix) :]: a for name, a in arrays.items() if name.startswith(prefix)}
         caches.append(classes[meta.pop("type")].from_state(layer_arrays, meta))
     return PromptCache(caches, json.loads(header["tokens"])), json.loads(header["metadata"])

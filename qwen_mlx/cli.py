@@ -33,6 +33,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-kv-size", type=int,
         help="keep at most this many positions in the KV cache (rotating, first 4 kept): bounded memory",
     )
+    group.add_argument("--kv-bits", type=int, choices=(4, 8),
+                       help="store the KV cache at 4 or 8 bits: long contexts in less memory")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def start_messages(args: argparse.Namespace, model: Any) -> tuple[Any, list[dict
     if args.prompt_cache:
         prompt_cache, messages = read_prompt_cache(args.prompt_cache, model)
     else:
-        prompt_cache, messages = PromptCache.new(model, args.max_kv_size), []
+        prompt_cache, messages = PromptCache.new(model, args.max_kv_size, kv_bits=args.kv_bits), []
     if args.system:
         messages = [m for m in messages if m["role"] != "system"]
         messages.insert(0, {"role": "system", "content": args.system})
@@ -165,7 +167,7 @@ def cmd_cache_prompt(args: argparse.Namespace) -> int:
         {"role": "user", "content": text}
     ]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
-    prompt_cache = PromptCache.new(model, args.max_kv_size)
+    prompt_cache = PromptCache.new(model, args.max_kv_size, kv_bits=args.kv_bits)
     prefill(model, ids, prompt_cache, step_size=512)
     meta = {"model": args.model, "model_shape": model_shape(model), "messages": json.dumps(messages)}
     save_prompt_cache(args.output, prompt_cache, meta)
@@ -200,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--system", help="system prompt (default: the model's own)")
     cache.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
     cache.add_argument("--max-kv-size", type=int, help="make a rotating cache of this many positions")
+    cache.add_argument("--kv-bits", type=int, choices=(4, 8), help="make a 4- or 8-bit quantized cache")
     cache.set_defaults(func=cmd_cache_prompt)
 
     from qwen_mlx.converter.convert import add_parser as add_convert_parser

@@ -135,7 +135,7 @@ def prefill(
             return False
         chunk = tokens[start : start + step_size]
         model(mx.array(chunk)[None], cache=prompt_cache.caches)
-        mx.eval([c.keys for c in prompt_cache.caches] + [c.values for c in prompt_cache.caches])
+        mx.eval([(c.keys, c.values) for c in prompt_cache.caches])
         prompt_cache.tokens += chunk
     return True
 
@@ -157,6 +157,8 @@ def stream_generate(
     prompt_cache: PromptCache | None = None,
     max_kv_size: int | None = None,
     keep: int = 4,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
     prefill_step_size: int = 512,
     cancel: threading.Event | None = None,
     on_prefill: Callable[[int, int], None] | None = None,
@@ -181,7 +183,7 @@ def stream_generate(
             f"the prompt is {len(prompt_ids)} tokens but the model's context is {context_size}; shorten it"
         )
     if prompt_cache is None:
-        prompt_cache = PromptCache.new(model, max_kv_size, keep)
+        prompt_cache = PromptCache.new(model, max_kv_size, keep, kv_bits, kv_group_size)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     eos = set(tokenizer.eos_token_ids)
     sampler = Sampler(params, seed)

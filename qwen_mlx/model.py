@@ -35,9 +35,37 @@ class Attention(nn.Module):
         if cache is not None:
             # The cache stores keys already rotated, so positions keep counting up even after eviction.
             k, v = cache.update_and_fetch(k, v)
-        # Grouped-query attention: the fused kernel broadcasts the n_kv_heads over the n_heads itself.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if isinstance(k, tuple):  # a QuantizedKVCache hands back (packed, scales, biases)
+            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        else:
+            # Grouped-query attention: the fused kernel broadcasts the n_kv_heads over the n_heads itself.
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def quantized_attention(
+    q: mx.array,
+    k: tuple[mx.array, ...],
+    v: tuple[mx.array, ...],
+    scale: float,
+    mask: mx.array | None,
+    group_size: int,
+    bits: int,
+) -> mx.array:
+    """Attention over quantized keys and values (mlx-lm's quantized SDPA): the matmuls read the packed groups."""
+    B, n_heads, L, D = q.shape
+    n_kv_heads = k[0].shape[1]
+    groups = n_heads // n_kv_heads
+    # Each KV head serves `groups` query heads: put them side by side instead of repeating the keys.
+    q = (q * scale).reshape(B, n_kv_heads, groups, L, D)
+    k = tuple(mx.expand_dims(a, 2) for a in k)
+    v = tuple(mx.expand_dims(a, 2) for a in v)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, n_heads, L, -1)
 
 
 class MLP(nn.Module):

@@ -74,3 +74,11 @@ def test_user_mistakes_are_one_line_and_exit_2(folder: Path, args: list[str], me
 def test_unknown_flag_is_an_argparse_error() -> None:
     result = qwen_mlx_cli("generate", "--no-such-flag")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_generate_with_a_quantized_kv_cache(tmp_path: Path) -> None:
+    folder = save_tiny_qwen2(tmp_path, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    result = qwen_mlx_cli("generate", "--model", str(folder), "--prompt", "Hello", "--kv-bits", "8",
+                          "--max-tokens", "6", "--temp", "0")
+    assert result.returncode == 0, result.stderr
+    assert "generation: 6 tokens" in result.stderr
