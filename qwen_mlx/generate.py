@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,7 +161,6 @@ def stream_generate(
     kv_group_size: int = 64,
     prefill_step_size: int = 512,
     cancel: threading.Event | None = None,
-    on_prefill: Callable[[int, int], None] | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, yielding text as it is decoded.
 
@@ -199,8 +198,6 @@ def stream_generate(
     if not prefill(model, todo[:-1], prompt_cache, prefill_step_size, cancel):
         yield GenerationChunk("", None, "cancelled", stats)
         return
-    if on_prefill:
-        on_prefill(len(todo), len(prompt_ids))
 
     def step(token: mx.array) -> mx.array:
         nonlocal history
