@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.files import replaced_atomically
 
 
 def causal_mask(length: int, offset: int, window: int | None = None) -> mx.array:
@@ -380,14 +379,9 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, metadata: dic
         "tokens": json.dumps(prompt_cache.tokens),
         "metadata": json.dumps(metadata or {}),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # mx.save_safetensors appends ".safetensors" to a name without it: give the temporary file that suffix.
+    with replaced_atomically(path, suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), arrays, header)
 
 
 def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:

@@ -7,14 +7,14 @@ two users never see each other's conversations.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from qwen_mlx.files import replaced_atomically
 
 _ID = re.compile(r"[0-9a-f]{32}")
 
@@ -62,14 +62,8 @@ class ConversationStore:
         conversation.updated = time.time()
         path = self._path(conversation.owner, conversation.id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(asdict(conversation), f, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replaced_atomically(path) as tmp:
+            tmp.write_text(json.dumps(asdict(conversation), ensure_ascii=False), encoding="utf-8")
 
     def load(self, owner: str, conversation_id: str) -> Conversation | None:
         try:
