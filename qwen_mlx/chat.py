@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -81,37 +80,95 @@ class ToolCallParse:
     errors: list[str] = field(default_factory=list)
 
 
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+class ToolCallStream:
+    """Splits reply text, as it streams, into content and `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+    calls, so that tool markup never shows as content, not even the first characters of `<tool_call>`.
+
+    `feed` returns what can be released now: content strings and `ToolCall`s, in order. A block that is not a
+    valid call (bad JSON, no name) is released as content, raw, and its reason kept in `errors`: the model's
+    words are shown rather than lost. `finish` releases what is left; an unterminated last block (the reply was
+    cut off) is a call if its JSON is complete.
+    """
+
+    def __init__(self) -> None:
+        self.pending = ""
+        self.inside = False
+        self.errors: list[str] = []
+
+    def feed(self, text: str) -> list[str | ToolCall]:
+        self.pending += text
+        out: list[str | ToolCall] = []
+        while True:
+            if not self.inside:
+                start = self.pending.find(TOOL_CALL_OPEN)
+                if start < 0:
+                    # Hold back a tail that may be the start of "<tool_call>".
+                    hold = next((n for n in range(min(len(self.pending), len(TOOL_CALL_OPEN) - 1), 0, -1)
+                                 if self.pending.endswith(TOOL_CALL_OPEN[:n])), 0)
+                    _emit(out, self.pending[: len(self.pending) - hold])
+                    self.pending = self.pending[len(self.pending) - hold :]
+                    return out
+                _emit(out, self.pending[:start])
+                self.pending, self.inside = self.pending[start:], True
+            end = self.pending.find(TOOL_CALL_CLOSE)
+            if end < 0:
+                return out
+            block = self.pending[: end + len(TOOL_CALL_CLOSE)]
+            self.pending, self.inside = self.pending[len(block) :], False
+            out.append(self._parse(block, block[len(TOOL_CALL_OPEN) : end]))
+
+    def finish(self) -> list[str | ToolCall]:
+        rest, self.pending = self.pending, ""
+        if self.inside:
+            self.inside = False
+            return [self._parse(rest, rest[len(TOOL_CALL_OPEN) :])]
+        return [rest] if rest else []
+
+    def _parse(self, block: str, body: str) -> str | ToolCall:
+        call = _read_call(body.strip())
+        if isinstance(call, ToolCall):
+            return call
+        self.errors.append(call)
+        return block
+
+
+def _emit(out: list[str | ToolCall], text: str) -> None:
+    if text:
+        out.append(text)
+
+
+def _read_call(body: str) -> ToolCall | str:
+    """The call in one block's JSON, or why it is not one."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        return f"tool call is not valid JSON ({e.msg} at char {e.pos}): {body[:200]!r}"
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return f"tool call has no string 'name': {body[:200]!r}"
+    arguments = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(arguments, str):  # some fine-tunes emit the arguments as a JSON string, as OpenAI does
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return f"tool call {obj['name']!r} has arguments that are not JSON: {arguments[:200]!r}"
+    if not isinstance(arguments, dict):
+        return f"tool call {obj['name']!r} has arguments that are not an object: {arguments!r}"
+    return ToolCall(obj["name"], arguments)
 
 
 def parse_tool_calls(text: str) -> ToolCallParse:
-    """Extract the `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks of a Qwen2.5 reply.
+    """The calls in a whole Qwen2.5 reply, in order, and the text around them (stripped) as content.
 
-    Whitespace around the JSON is ignored; several calls are returned in order. A block that is not valid JSON,
-    or lacks a name, is reported in `errors` (with the reason) instead of raising, and left out of `calls`.
-    An unterminated last block (generation cut off by max_tokens) is parsed if its JSON is complete.
+    Whitespace around a block's JSON is ignored. A block that is not a valid call stays in the content, raw, and
+    its reason is in `errors`; nothing raises.
     """
-    result = ToolCallParse()
-    for match in _TOOL_CALL.finditer(text):
-        body = match.group(1).strip()
-        try:
-            obj = json.loads(body)
-        except json.JSONDecodeError as e:
-            result.errors.append(f"tool call is not valid JSON ({e.msg} at char {e.pos}): {body[:200]!r}")
-            continue
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            result.errors.append(f"tool call has no string 'name': {body[:200]!r}")
-            continue
-        arguments = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(arguments, str):  # some fine-tunes emit the arguments as a JSON string, as OpenAI does
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                result.errors.append(f"tool call {obj['name']!r} has arguments that are not JSON: {arguments[:200]!r}")
-                continue
-        if not isinstance(arguments, dict):
-            result.errors.append(f"tool call {obj['name']!r} has arguments that are not an object: {arguments!r}")
-            continue
-        result.calls.append(ToolCall(obj["name"], arguments))
-    result.content = _TOOL_CALL.sub("", text).strip()
-    return result
+    stream = ToolCallStream()
+    parts = stream.feed(text) + stream.finish()
+    return ToolCallParse(
+        calls=[p for p in parts if isinstance(p, ToolCall)],
+        content="".join(p for p in parts if isinstance(p, str)).strip(),
+        errors=stream.errors,
+    )

@@ -212,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     from qwen_mlx.webui.cli import add_parser as add_webui_parser
 
     add_webui_parser(sub)
+
+    from qwen_mlx.serve import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

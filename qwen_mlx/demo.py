@@ -6,6 +6,7 @@ Its replies are gibberish (the weights are random); it exists so the UI can be t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -76,3 +77,10 @@ def demo_model_folder(cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return folder
+
+
+def data_home() -> Path:
+    """Where qwen-mlx keeps its own files (demo model, conversations): $QWEN_MLX_HOME, else ~/.cache/qwen-mlx."""
+    if os.environ.get("QWEN_MLX_HOME"):
+        return Path(os.environ["QWEN_MLX_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-mlx"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -14,10 +15,12 @@ import mlx.nn as nn
 from qwen_mlx.cache import PromptCache
 from qwen_mlx.chat import ToolCall, parse_tool_calls
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.grammar import TokenConstraint, json_schema_grammar
 from qwen_mlx.sample import Sampler, SamplingParams, apply_repetition_penalty
 from qwen_mlx.tokenizer import Tokenizer
 
 MAX_TOKENS_LIMIT = 8192  # Qwen2.5's generation limit (model card)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
 
@@ -44,6 +47,8 @@ class GenerationChunk:
     token: int | None
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     stats: GenerationStats | None = None
+    logprob: float | None = None  # the token's log-probability under the model (with `logprobs=`)
+    top_logprobs: list[tuple[int, float]] | None = None  # the `logprobs` most likely tokens at this step
 
 
 @dataclass
@@ -161,6 +166,10 @@ def stream_generate(
     kv_group_size: int = 64,
     prefill_step_size: int = 512,
     cancel: threading.Event | None = None,
+    json_schema: dict[str, Any] | None = None,
+    response_format: dict[str, Any] | None = None,
+    grammar: str | None = None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, yielding text as it is decoded.
 
@@ -168,6 +177,11 @@ def stream_generate(
     given overrides them, and `temperature=0` is greedy. Generation ends at an end-of-turn id, a `stop` string
     (never shown), `max_tokens` or the context limit, or when `cancel` is set. With `prompt_cache`, the longest
     prefix it shares with this prompt is reused and the cache is left holding the whole exchange.
+
+    Structured output: `json_schema` (or OpenAI's `response_format`, `{"type": "json_object"}` or
+    `{"type": "json_schema", "json_schema": {"schema": ...}}`) makes the reply one JSON value valid against the
+    schema, by masking every token that would break it; `grammar` takes any llguidance grammar (e.g.
+    `qwen_mlx.grammar.tool_call_grammar`). `logprobs=k` reports each token's log-probability and the k likeliest.
     """
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise QwenMLXError(f"max_tokens {max_tokens} must be between 1 and {MAX_TOKENS_LIMIT}")
@@ -181,6 +195,11 @@ def stream_generate(
         raise QwenMLXError(
             f"the prompt is {len(prompt_ids)} tokens but the model's context is {context_size}; shorten it"
         )
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise QwenMLXError(f"logprobs {logprobs} must be between 0 and {MAX_TOP_LOGPROBS}")
+    grammar = structured_output_grammar(json_schema, response_format, grammar)
+    vocab_size = model.config.vocab_size
+    constraint = TokenConstraint(tokenizer, vocab_size, grammar) if grammar is not None else None
     if prompt_cache is None:
         prompt_cache = PromptCache.new(model, max_kv_size, keep, kv_bits, kv_group_size)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -199,27 +218,34 @@ def stream_generate(
         yield GenerationChunk("", None, "cancelled", stats)
         return
 
-    def step(token: mx.array) -> mx.array:
+    def step(token: mx.array) -> tuple[mx.array, tuple[mx.array, ...]]:
+        """The next token (and its log-probabilities, if asked) after `token`, queued for evaluation."""
         nonlocal history
         logits = model(token[None], cache=prompt_cache.caches)[:, -1, :]
+        if constraint is not None:
+            # Start the model on this step, and compute the grammar's mask on the host meanwhile.
+            mx.async_eval(logits)
+            logits = constraint.apply(logits)
         if params.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
         next_token = sampler(logits)
         if params.repetition_penalty != 1.0:
             history = mx.concatenate([history, next_token])
-        return next_token
+        extra = token_logprobs(logits, next_token, logprobs) if logprobs is not None else ()
+        mx.async_eval(next_token, *extra)
+        return next_token, extra
 
-    def feed(token_ids: list[int]) -> mx.array:
+    def feed(token_ids: list[int]) -> tuple[mx.array, tuple[mx.array, ...]]:
         prompt_cache.tokens += token_ids
         return step(mx.array(token_ids))
 
-    y = feed(todo[-1:])
-    mx.async_eval(y)
+    y, y_logprobs = feed(todo[-1:])
     generated: list[int] = []
     finish, hit_stop = "length", False
     first_token_time = None
     while True:
         token = y.item()
+        logprob_info = _read_logprobs(y_logprobs)
         if first_token_time is None:
             first_token_time = time.perf_counter()
             stats.time_to_first_token = first_token_time - start
@@ -228,14 +254,15 @@ def stream_generate(
             finish = "stop"
             break
         generated.append(token)
+        if constraint is not None:
+            constraint.consume(token)
         at_limit = len(generated) >= max_tokens or prompt_cache.offset + 1 >= context_size
         cancelled = cancel is not None and cancel.is_set()
         if not (at_limit or cancelled):
             # Queue the next step before streaming this token, so the model computes while Python works.
-            y = feed([token])
-            mx.async_eval(y)
+            y, y_logprobs = feed([token])
         text, hit_stop = matcher.feed(detokenizer.add(token))
-        yield GenerationChunk(text, token)
+        yield GenerationChunk(text, token, logprob=logprob_info[0], top_logprobs=logprob_info[1])
         if hit_stop:
             finish = "stop"
             break
@@ -258,6 +285,50 @@ def stream_generate(
     stats.peak_memory_gb = mx.get_peak_memory() / 1e9
     stats.context_tokens = prompt_cache.offset
     yield GenerationChunk(tail, None, finish, stats)
+
+
+def structured_output_grammar(
+    json_schema: dict[str, Any] | None, response_format: dict[str, Any] | None, grammar: str | None
+) -> str | None:
+    """The one grammar that `json_schema`, an OpenAI `response_format` or an explicit `grammar` asks for."""
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise QwenMLXError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+            json_schema = spec.get("schema", {})
+        elif kind == "json_object":
+            json_schema = {"type": "object"}
+        elif kind != "text":
+            raise QwenMLXError(
+                f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'"
+            )
+    given = [g for g in (json_schema, grammar) if g is not None]
+    if len(given) > 1:
+        raise QwenMLXError("give only one of json_schema / response_format and grammar")
+    return json_schema_grammar(json_schema) if json_schema is not None else grammar
+
+
+def token_logprobs(logits: mx.array, token: mx.array, top: int) -> tuple[mx.array, ...]:
+    """Log-probability of `token` under `logits` (as sampled from, at temperature 1), and the `top` likeliest."""
+    logprobs = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[0, 0]
+    if top == 0:
+        return (chosen,)
+    ids = mx.argpartition(-logprobs, kth=top - 1, axis=-1)[0, :top]
+    values = logprobs[0, ids]
+    order = mx.argsort(-values)
+    return chosen, ids[order], values[order]
+
+
+def _read_logprobs(arrays: tuple[mx.array, ...]) -> tuple[float | None, list[tuple[int, float]] | None]:
+    if not arrays:
+        return None, None
+    chosen = arrays[0].item()
+    top = list(zip(arrays[1].tolist(), arrays[2].tolist(), strict=True)) if len(arrays) > 1 else []
+    # Tokens a grammar rules out have probability 0: they are not among the likeliest.
+    return chosen, [(t, v) for t, v in top if v != -math.inf]
 
 
 def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) -> GenerationResult:

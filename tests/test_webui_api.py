@@ -1,7 +1,7 @@
 """`qwen-mlx webui` over HTTP, driven by gradio_client as a program would: streaming, Stop, prefix reuse, sessions.
 
 The server runs as a subprocess on a free 127.0.0.1 port with a tiny random model whose end-of-turn tokens can never
-be sampled (so a reply runs until max tokens or Stop), slowed by QWEN_MLX_WEBUI_TOKEN_DELAY so Stop lands mid-reply.
+be sampled (so a reply runs until max tokens or Stop), slowed by QWEN_MLX_TOKEN_DELAY so Stop lands mid-reply.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def start_server(model: Path, home: Path, token_delay: float,
                  port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """`python -m qwen_mlx.cli webui` on `port` (default: a free one); the process and its URL once it answers."""
     port = port or free_port()
-    env = {**os.environ, "QWEN_MLX_HOME": str(home), "QWEN_MLX_WEBUI_TOKEN_DELAY": str(token_delay),
+    env = {**os.environ, "QWEN_MLX_HOME": str(home), "QWEN_MLX_TOKEN_DELAY": str(token_delay),
            "GRADIO_ANALYTICS_ENABLED": "False"}
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / f"server-{port}.log"

@@ -1,7 +1,7 @@
 """`qwen-mlx webui`: load a model on a worker thread, then serve the chat page (Gradio) over HTTP.
 
 Conversations, the demo model and the browser-id secret live in $QWEN_MLX_HOME (default ~/.cache/qwen-mlx).
-QWEN_MLX_WEBUI_TOKEN_DELAY=<seconds> makes every model step sleep that long first: for tests and diagnostics
+QWEN_MLX_TOKEN_DELAY=<seconds> makes every model step sleep that long first: for tests and diagnostics
 only, so that a tiny model streams slowly enough to watch and to stop.
 """
 
@@ -10,16 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from qwen_mlx.demo import data_home
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.load import DEFAULT_MODEL
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+from qwen_mlx.serve import LOOPBACK_HOSTS, check_port
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,12 +43,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def data_home() -> Path:
-    if os.environ.get("QWEN_MLX_HOME"):
-        return Path(os.environ["QWEN_MLX_HOME"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-mlx"
-
-
 def browser_secret(home: Path) -> str:
     """The key that encrypts each browser's owner id in its localStorage; kept so ids survive a restart."""
     path = home / "webui-secret"
@@ -71,29 +63,6 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise QwenMLXError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
-
-
-class SlowedModel:
-    """The model, sleeping `delay` seconds before each step (QWEN_MLX_WEBUI_TOKEN_DELAY; tests only)."""
-
-    def __init__(self, model: Any, delay: float):
-        self._model, self._delay = model, delay
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(self._delay)
-        return self._model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
 def run(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry
     auth = parse_auth(args.auth)
@@ -105,18 +74,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"qwen-mlx: warning: --host {args.host} without --auth lets anyone who can reach this machine "
               "chat with the model; add --auth user:password", file=sys.stderr)
     check_port(args.host, args.port)  # before a model load that may take minutes
-    delay = float(os.environ.get("QWEN_MLX_WEBUI_TOKEN_DELAY") or 0)
     home = data_home()
     model_name = "demo model (random weights)" if args.demo else args.model
 
     from qwen_mlx.load import load
-    from qwen_mlx.worker import ModelWorker
+    from qwen_mlx.worker import ModelWorker, slowed_for_tests
 
     def load_model() -> tuple[Any, Any]:
         from qwen_mlx.demo import demo_model_folder
 
         model, tokenizer = load(demo_model_folder(home / "models") if args.demo else args.model)
-        return (SlowedModel(model, delay) if delay else model), tokenizer
+        return slowed_for_tests(model), tokenizer
 
     worker = ModelWorker(
         load_model, max_kv_size=args.max_kv_size,
