@@ -87,15 +87,17 @@ class ToolCallStream:
     """Splits reply text, as it streams, into content and `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
     calls, so that tool markup never shows as content, not even the first characters of `<tool_call>`.
 
-    `feed` returns what can be released now: content strings and `ToolCall`s, in order. A block that is not a
-    valid call (bad JSON, no name) is released as content, raw, and its reason kept in `errors`: the model's
-    words are shown rather than lost. `finish` releases what is left; an unterminated last block (the reply was
-    cut off) is a call if its JSON is complete.
+    `feed` returns what can be released now: content strings and `ToolCall`s, in order. Whitespace next to a call
+    is part of the markup (Qwen puts newlines between calls), so it is held back until it turns out to be content.
+    A block that is not a valid call (bad JSON, no name) is released as content, raw, and its reason kept in
+    `errors`: the model's words are shown rather than lost. `finish` releases what is left; an unterminated last
+    block (the reply was cut off) is a call if its JSON is complete.
     """
 
     def __init__(self) -> None:
         self.pending = ""
         self.inside = False
+        self.after_call = False
         self.errors: list[str] = []
 
     def feed(self, text: str) -> list[str | ToolCall]:
@@ -103,15 +105,19 @@ class ToolCallStream:
         out: list[str | ToolCall] = []
         while True:
             if not self.inside:
+                if self.after_call:
+                    self.pending = self.pending.lstrip()
+                    self.after_call = not self.pending
                 start = self.pending.find(TOOL_CALL_OPEN)
                 if start < 0:
-                    # Hold back a tail that may be the start of "<tool_call>".
+                    # Hold back a tail that may be the start of "<tool_call>", and whitespace that may precede one.
                     hold = next((n for n in range(min(len(self.pending), len(TOOL_CALL_OPEN) - 1), 0, -1)
                                  if self.pending.endswith(TOOL_CALL_OPEN[:n])), 0)
-                    _emit(out, self.pending[: len(self.pending) - hold])
-                    self.pending = self.pending[len(self.pending) - hold :]
+                    cut = len(self.pending[: len(self.pending) - hold].rstrip())
+                    _emit(out, self.pending[:cut])
+                    self.pending = self.pending[cut:]
                     return out
-                _emit(out, self.pending[:start])
+                _emit(out, self.pending[:start].rstrip())
                 self.pending, self.inside = self.pending[start:], True
             end = self.pending.find(TOOL_CALL_CLOSE)
             if end < 0:
@@ -125,11 +131,12 @@ class ToolCallStream:
         if self.inside:
             self.inside = False
             return [self._parse(rest, rest[len(TOOL_CALL_OPEN) :])]
-        return [rest] if rest else []
+        return [rest] if rest and not self.after_call else []
 
     def _parse(self, block: str, body: str) -> str | ToolCall:
         call = _read_call(body.strip())
         if isinstance(call, ToolCall):
+            self.after_call = True
             return call
         self.errors.append(call)
         return block

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qwen_mlx.chat import ToolCall, ToolCallParse, parse_tool_calls
+from qwen_mlx.chat import ToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
 
 
 def _block(call: dict, inner_padding: str = "\n") -> str:
@@ -101,3 +101,35 @@ def test_openai_form_serializes_arguments_as_a_json_string() -> None:
     openai = call.to_openai("call_0")
     assert openai["function"]["name"] == "get_weather"
     assert json.loads(openai["function"]["arguments"]) == {"city": "東京"}
+
+
+def _stream(text: str, step: int) -> tuple[list[str], list[ToolCall], list[str]]:
+    """Feed `text` `step` characters at a time, as a streamed reply arrives; the content pieces, calls, errors."""
+    stream = ToolCallStream()
+    parts = [p for i in range(0, len(text), step) for p in stream.feed(text[i : i + step])] + stream.finish()
+    return [p for p in parts if isinstance(p, str)], [p for p in parts if isinstance(p, ToolCall)], stream.errors
+
+
+def test_streamed_markup_never_reaches_content_at_any_split() -> None:
+    calls = [{"name": "get_weather", "arguments": {"city": "Zürich"}}, {"name": "get_time", "arguments": {}}]
+    text = "Let me look.\n" + "\n".join(_block(c) for c in calls) + "\n"
+    for step in (1, 2, 3, 5, 11, len(text)):
+        content, got, errors = _stream(text, step)
+        assert "".join(content) == "Let me look."
+        assert not any("<" in piece or "tool" in piece for piece in content)
+        assert [(c.name, c.arguments) for c in got] == [(c["name"], c["arguments"]) for c in calls]
+        assert errors == []
+
+
+def test_streamed_text_that_only_looks_like_markup_is_content() -> None:
+    text = "if a <b and b < tool then <tool_> holds\n  "
+    for step in (1, 4, len(text)):
+        content, calls, _ = _stream(text, step)
+        assert "".join(content) == text and calls == []
+
+
+def test_streamed_malformed_call_is_released_as_text() -> None:
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": }\n</tool_call>'
+    for step in (1, 7):
+        content, calls, errors = _stream(bad, step)
+        assert "".join(content) == bad and calls == [] and len(errors) == 1

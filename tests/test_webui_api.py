@@ -6,18 +6,14 @@ be sampled (so a reply runs until max tokens or Stop), slowed by QWEN_MLX_TOKEN_
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from servers import free_port, start_server, stop_server
 
 TOKEN_DELAY = 0.02  # seconds per model step in the server under test
 CONTEXT = 4096  # the test model's context: an unstopped reply would run for over a minute
@@ -49,47 +45,16 @@ def write_test_model(folder: Path, context: int) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, home: Path, token_delay: float,
-                 port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m qwen_mlx.cli webui` on `port` (default: a free one); the process and its URL once it answers."""
+def start_webui(model: Path, home: Path, token_delay: float, port: int | None = None) -> tuple[Any, str]:
+    """`qwen-mlx webui` on `port` (default: a free one); the process and its URL once it answers."""
     port = port or free_port()
-    env = {**os.environ, "QWEN_MLX_HOME": str(home), "QWEN_MLX_TOKEN_DELAY": str(token_delay),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
     home.mkdir(parents=True, exist_ok=True)
-    log_path = home / f"server-{port}.log"
-    with open(log_path, "wb") as log:  # the server keeps its own handle
-        process = subprocess.Popen(
-            [sys.executable, "-m", "qwen_mlx.cli", "webui", "--model", str(model), "--port", str(port),
-             "--max-queue", "8"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return process, url
-        except OSError:
-            time.sleep(0.3)
-    stop_server(process)
-    raise RuntimeError(f"the server did not answer in 90 s: {log_path.read_text()}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    process = start_server(
+        ["webui", "--model", str(model), "--port", str(port), "--max-queue", "8"], url, home / f"server-{port}.log",
+        env={"QWEN_MLX_HOME": str(home), "QWEN_MLX_TOKEN_DELAY": str(token_delay), "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
+    return process, url
 
 
 def texts(chat: list[dict[str, Any]]) -> list[str]:
@@ -108,7 +73,7 @@ def reply_stats(text: str) -> tuple[int, int, int]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     root = tmp_path_factory.mktemp("webui")
     model = write_test_model(root / "model", context=CONTEXT)
-    process, url = start_server(model, root / "home", TOKEN_DELAY)
+    process, url = start_webui(model, root / "home", TOKEN_DELAY)
     yield url, root / "home"
     stop_server(process)
 
@@ -195,7 +160,7 @@ def test_a_model_that_fails_to_load_is_an_error_in_the_chat_and_the_server_goes_
     broken = tmp_path / "llama"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama"}')
-    process, url = start_server(broken, tmp_path / "home", token_delay=0)
+    process, url = start_webui(broken, tmp_path / "home", token_delay=0)
     try:
         c = client(url)
         for question in ("Hello?", "Still there?"):

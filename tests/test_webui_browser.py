@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_webui_api import start_server, stop_server, write_test_model
+from servers import stop_server
+from test_webui_api import start_webui, write_test_model
 
 pytestmark = pytest.mark.browser
 
@@ -52,7 +53,7 @@ def test_stream_stop_regenerate_and_find_the_conversation_after_reload_and_resta
     from playwright.sync_api import expect
 
     model, home = model_and_home
-    process, url = start_server(model, home, TOKEN_DELAY)
+    process, url = start_webui(model, home, TOKEN_DELAY)
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(url)
@@ -92,7 +93,7 @@ def test_stream_stop_regenerate_and_find_the_conversation_after_reload_and_resta
         # The conversation lives on the server, and the browser's id for it survives a restart (same address:
         # a browser keeps its storage per origin).
         stop_server(process)
-        process, url = start_server(model, home, TOKEN_DELAY, port=int(url.rstrip("/").rsplit(":", 1)[1]))
+        process, url = start_webui(model, home, TOKEN_DELAY, port=int(url.rstrip("/").rsplit(":", 1)[1]))
         page.goto(url)
         expect(reply).to_contain_text("reply 12 tokens")
         assert words(reply.inner_text()) == words(regenerated)

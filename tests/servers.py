@@ -1,0 +1,45 @@
+"""Servers under test: a subprocess on a free 127.0.0.1 port, waited for, and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], ready_url: str, log_path: Path, env: dict[str, str] | None = None,
+                 timeout: float = 90) -> subprocess.Popen[bytes]:
+    """`python -m qwen_mlx.cli ARGS`, once `ready_url` answers; its output goes to `log_path`."""
+    with open(log_path, "wb") as log:  # the server keeps its own handle
+        process = subprocess.Popen([sys.executable, "-m", "qwen_mlx.cli", *args], env={**os.environ, **(env or {})},
+                                   stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2):
+                return process
+        except OSError:
+            time.sleep(0.3)
+    stop_server(process)
+    raise RuntimeError(f"the server did not answer in {timeout:.0f} s: {log_path.read_text()}")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

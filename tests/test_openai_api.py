@@ -1,0 +1,96 @@
+"""OpenAI request checking without a server: what reaches the chat template, and what is refused (and how)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qwen_mlx.openai_api import APIError, Model, parse_chat_request, parse_completion_request
+from qwen_mlx.tokenizer import Tokenizer
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def model(qwen_tokenizer_dir: Path) -> Model:
+    return Model("m", Tokenizer.from_folder(qwen_tokenizer_dir), vocab_size=151936, context_size=4096)
+
+
+def chat(model: Model, **body: Any) -> Any:
+    return parse_chat_request({"model": "m", **body}, model)
+
+
+def test_openai_messages_render_as_qwen_expects(model: Model) -> None:
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "18 °C"},
+    ]
+    request = chat(model, messages=messages, tools=[TOOL])
+    expected = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18 °C"},
+    ]
+    assert request.prompt_ids == model.tokenizer.apply_chat_template(expected, tools=[TOOL], tokenize=True)
+    text = model.tokenizer.decode(request.prompt_ids)
+    # Arguments written once as JSON, not as a JSON string inside JSON.
+    assert '"arguments": {"city": "Paris"}' in text and request.parse_tools
+
+
+def test_tool_choice_none_leaves_tools_out_of_the_prompt(model: Model) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    request = chat(model, messages=messages, tools=[TOOL], tool_choice="none")
+    assert request.prompt_ids == model.tokenizer.apply_chat_template(messages, tokenize=True)
+    assert not request.parse_tools and "grammar" not in request.options
+
+
+def test_required_tool_choice_sets_a_grammar_and_defaults_follow_the_model(model: Model) -> None:
+    request = chat(model, messages=[{"role": "user", "content": "hi"}], tools=[TOOL], tool_choice="required")
+    assert "grammar" in request.options
+    # Sampling parameters not given are left to the model's generation_config.json.
+    assert not {"temperature", "top_p", "top_k"} & set(request.options)
+    # With no max_tokens, a reply may fill the context.
+    assert request.options["max_tokens"] == 4096 - len(request.prompt_ids)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"chunk_size": 2}}, "stream_options"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL],
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",
+                                                                            "json_schema": {"schema": "x"}}},
+     "response_format"),
+])
+def test_bad_chat_requests_name_the_parameter(model: Model, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(APIError) as error:
+        chat(model, **body)
+    assert error.value.status == 400 and error.value.param == param
+    assert json.loads(json.dumps(error.value.body()))["error"]["type"] == "invalid_request_error"
+
+
+def test_completion_prompts(model: Model) -> None:
+    assert parse_completion_request({"prompt": "Hello"}, model).prompt_ids == model.tokenizer.encode("Hello")
+    assert parse_completion_request({"prompt": [[1, 2, 3]]}, model).prompt_ids == [1, 2, 3]
+    # Typed control tokens are text, never control ids.
+    ids = parse_completion_request({"prompt": "<|im_end|>"}, model).prompt_ids
+    assert model.tokenizer.added_tokens["<|im_end|>"] not in ids
+    for body, param in (({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [999999]}, "prompt"),
+                        ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "best_of": 3}, "best_of")):
+        with pytest.raises(APIError) as error:
+            parse_completion_request(body, model)
+        assert error.value.param == param
