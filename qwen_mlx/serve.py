@@ -262,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     )
     worker.wait_loaded()
     if worker.load_error is not None:
+        worker.close()
         raise worker.load_error
     app = build_app(worker, model_id, args.api_key, aliases=(source,))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

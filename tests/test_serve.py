@@ -304,6 +304,17 @@ def test_tool_results_can_be_sent_back(client: openai.OpenAI) -> None:
     assert response.usage.prompt_tokens > 50
 
 
+def test_the_readme_example_runs(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    after = readme.split("<!-- tests/test_serve.py runs this example against a live server -->", 1)[1]
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    code = (code.replace("http://127.0.0.1:8080/v1", f"{server}/v1").replace("sk-local-123", API_KEY)
+            .replace('"mlx-community/Qwen2.5-7B-Instruct-4bit"', repr(MODEL_ID)))
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "get_weather {'city': " in out and "'celsius': " in out
+
+
 # --- bad requests ---
 
 
@@ -391,3 +402,36 @@ def test_flood_beyond_the_queue_gets_503_and_nothing_breaks(slow_server: str) ->
     again = httpx.post(f"{slow_server}/v1/chat/completions", timeout=60,
                        json={"model": MODEL_ID, "messages": USER, "max_tokens": 2})
     assert again.status_code == 200
+
+
+# --- the command line ---
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--max-queue", "0"], "--max-queue"),
+    (["--max-kv-size", "3"], "--max-kv-size"),
+    (["--api-key", " "], "--api-key"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_bad_options_are_one_line_errors(args: list[str], needle: str, model_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from qwen_mlx.cli import main
+
+    assert main(["serve", "--model", str(model_dir), "--port", str(free_port()), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1] and err[-1].startswith("qwen-mlx: error:")
+    assert not any("Traceback" in line for line in err)
+
+
+def test_a_port_in_use_is_reported_before_loading(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from qwen_mlx.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "loading" not in err
