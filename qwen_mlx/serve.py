@@ -94,7 +94,8 @@ def build_app(
                 raise APIError(404, f"model {body.get('model')!r} is not served here; this server serves "
                                     f"{model_id!r}", "model", "model_not_found")
             model = served_model()
-            parsed = (parse_chat_request if chat else parse_completion_request)(body, model)
+            # Rendering and tokenizing a long prompt takes a while: not on the event loop's thread.
+            parsed = await asyncio.to_thread(parse_chat_request if chat else parse_completion_request, body, model)
             wake = asyncio.Event()
             loop = asyncio.get_running_loop()
             try:

@@ -208,6 +208,14 @@ def test_text_completion(client: openai.OpenAI) -> None:
     assert response.usage.completion_tokens == 6
 
 
+def test_streamed_text_completion_matches(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=0)
+    chunks = list(client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_follow_up_request_reuses_the_conversation_cache(client: openai.OpenAI) -> None:
     messages = [{"role": "system", "content": "You answer in one word."},
                 {"role": "user", "content": "A colour of the French flag, please?"}]

@@ -86,3 +86,41 @@ def test_a_failed_load_is_reported_to_every_request() -> None:
         with pytest.raises(QwenMLXError, match="no such folder"):
             drain(worker.submit("x", "hi"))
     worker.close()
+
+
+def test_anonymous_requests_pick_the_cache_of_their_conversation(folder: Path) -> None:
+    """API clients send no session, only the whole conversation: each continues the cache it extends, and two
+    conversations that share only a system prompt keep a cache each instead of trimming each other's."""
+    worker = ModelWorker(lambda: qwen_mlx.load(folder), max_sessions=4)
+    try:
+        assert worker.wait_loaded(60)
+        system = list(range(20, 40))
+        a, b = system + list(range(50, 90)), system + list(range(100, 140))
+
+        def prefilled(prompt: list[int]) -> int:
+            return drain(worker.submit(None, prompt, temperature=0, max_tokens=3))[-1].stats.prefilled_tokens
+
+        assert prefilled(a) == len(a)
+        assert prefilled(b) == len(b)  # a new cache: reusing a's would have thrown a's conversation away
+        assert prefilled(a + [7, 8, 9]) <= 3 + 3  # a's cache is intact: only the new tokens (and a's reply) run
+        assert prefilled(b + [7, 8, 9]) <= 3 + 3
+    finally:
+        worker.close()
+
+
+def test_a_full_queue_refuses_new_jobs(folder: Path) -> None:
+    from qwen_mlx.worker import WorkerBusy
+
+    worker = ModelWorker(lambda: qwen_mlx.load(folder), max_queue=1)
+    try:
+        assert worker.wait_loaded(60)
+        gate = threading.Event()
+        worker._jobs.put(gate.wait)  # hold the thread, so submitted jobs wait
+        first = worker.submit("a", [1, 2, 3], max_tokens=2)
+        with pytest.raises(WorkerBusy, match="busy"):
+            worker.submit("b", [1, 2, 3], max_tokens=2)
+        gate.set()
+        assert drain(first)[-1].finish_reason == "length"
+        assert drain(worker.submit("b", [1, 2, 3], max_tokens=2))[-1].finish_reason == "length"
+    finally:
+        worker.close()
