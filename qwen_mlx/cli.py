@@ -29,12 +29,24 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--seed", type=int, help="makes sampling reproducible")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
-    group.add_argument(
+    add_cache_arguments(group)
+
+
+def add_cache_arguments(parser: Any) -> None:
+    parser.add_argument(
         "--max-kv-size", type=int,
         help="keep at most this many positions in the KV cache (rotating, first 4 kept): bounded memory",
     )
-    group.add_argument("--kv-bits", type=int, choices=(4, 8),
-                       help="store the KV cache at 4 or 8 bits: long contexts in less memory")
+    parser.add_argument("--kv-bits", type=int, choices=(4, 8),
+                        help="store the KV cache at 4 or 8 bits: long contexts in less memory")
+
+
+def check_cache_arguments(args: argparse.Namespace) -> None:
+    """Refuse a cache setting that cannot work before a model load that may take minutes."""
+    if args.max_kv_size is not None and args.max_kv_size <= 4:
+        raise QwenMLXError(f"--max-kv-size {args.max_kv_size} must be larger than 4 (the kept first positions)")
+    if args.max_kv_size is not None and args.kv_bits is not None:
+        raise QwenMLXError("choose either --max-kv-size (a rotating cache) or --kv-bits (a quantized one), not both")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,6 +125,7 @@ def start_messages(args: argparse.Namespace, model: Any) -> tuple[Any, list[dict
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_cache_arguments(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_with_status(args.model)
     prompt_cache, messages = start_messages(args, model)
@@ -123,6 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    check_cache_arguments(args)
     model, tokenizer = load_with_status(args.model)
     prompt_cache, start = start_messages(args, model)
     messages = list(start)
@@ -158,6 +172,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prompt(args: argparse.Namespace) -> int:
+    check_cache_arguments(args)
     from qwen_mlx.cache import PromptCache, save_prompt_cache
     from qwen_mlx.generate import prefill
 
@@ -201,8 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--prompt", "-p", required=True, help="the document / first user message ('-' reads stdin)")
     cache.add_argument("--system", help="system prompt (default: the model's own)")
     cache.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
-    cache.add_argument("--max-kv-size", type=int, help="make a rotating cache of this many positions")
-    cache.add_argument("--kv-bits", type=int, choices=(4, 8), help="make a 4- or 8-bit quantized cache")
+    add_cache_arguments(cache)
     cache.set_defaults(func=cmd_cache_prompt)
 
     from qwen_mlx.converter.convert import add_parser as add_convert_parser
@@ -216,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     from qwen_mlx.serve import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+
+    from qwen_mlx.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -29,6 +29,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from qwen_mlx.cli import add_cache_arguments, check_cache_arguments
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk
 from qwen_mlx.load import DEFAULT_MODEL
@@ -215,8 +216,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     parser.add_argument("--api-key", default=os.environ.get("QWEN_MLX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $QWEN_MLX_API_KEY; none: open)")
-    parser.add_argument("--max-kv-size", type=int,
-                        help="keep at most this many positions in each cached conversation (bounded memory)")
+    add_cache_arguments(parser)
     parser.add_argument("--max-queue", type=int, default=16,
                         help="most requests waiting for the model; more get 503 (default 16)")
     parser.set_defaults(func=run)
@@ -240,8 +240,7 @@ def run(args: argparse.Namespace) -> int:
     from qwen_mlx.load import load
     from qwen_mlx.worker import slowed_for_tests
 
-    if args.max_kv_size is not None and args.max_kv_size <= 4:
-        raise QwenMLXError(f"--max-kv-size {args.max_kv_size} must be larger than 4 (the kept first positions)")
+    check_cache_arguments(args)
     if args.max_queue < 1:
         raise QwenMLXError(f"--max-queue {args.max_queue} must be at least 1")
     if args.api_key is not None and not args.api_key.strip():
@@ -258,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         return slowed_for_tests(model), tokenizer
 
     worker = ModelWorker(
-        load_model, max_kv_size=args.max_kv_size, max_queue=args.max_queue,
+        load_model, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, max_queue=args.max_queue,
         on_status=lambda status: print(f"qwen-mlx: {source}: {status}", file=sys.stderr, flush=True),
     )
     worker.wait_loaded()

@@ -83,11 +83,13 @@ class ModelWorker:
         load: Loader,
         *,
         max_kv_size: int | None = None,
+        kv_bits: int | None = None,
         max_sessions: int = 4,
         max_queue: int | None = None,
         on_status: Callable[[str], None] | None = None,
     ):
         self.max_kv_size = max_kv_size
+        self.kv_bits = kv_bits
         self.max_sessions = max_sessions
         self.max_queue = max_queue
         self.waiting = 0  # submitted jobs not yet started
@@ -203,7 +205,7 @@ class ModelWorker:
             session = self._closest_session(job.prompt)
             self._session_of[id(job)] = session
         if session not in self._caches:
-            self._caches[session] = PromptCache.new(self.model, self.max_kv_size)
+            self._caches[session] = PromptCache.new(self.model, self.max_kv_size, kv_bits=self.kv_bits)
             while len(self._caches) > self.max_sessions:
                 self._caches.popitem(last=False)
         self._caches.move_to_end(session)

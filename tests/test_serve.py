@@ -418,6 +418,7 @@ def test_flood_beyond_the_queue_gets_503_and_nothing_breaks(slow_server: str) ->
 @pytest.mark.parametrize(("args", "needle"), [
     (["--max-queue", "0"], "--max-queue"),
     (["--max-kv-size", "3"], "--max-kv-size"),
+    (["--max-kv-size", "64", "--kv-bits", "8"], "not both"),
     (["--api-key", " "], "--api-key"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
 ])

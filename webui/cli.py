@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qwen_mlx.cli import add_cache_arguments, check_cache_arguments
 from qwen_mlx.demo import data_home
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.load import DEFAULT_MODEL
@@ -34,8 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--max-kv-size", type=int,
-                        help="keep at most this many positions in each conversation's KV cache (bounded memory)")
+    add_cache_arguments(parser)
     parser.add_argument("--auth", help="require this login, as user:password")
     parser.add_argument("--max-queue", type=int, default=20,
                         help="most requests waiting for the model before new ones are refused (default 20)")
@@ -66,8 +66,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def run(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry
     auth = parse_auth(args.auth)
-    if args.max_kv_size is not None and args.max_kv_size <= 4:
-        raise QwenMLXError(f"--max-kv-size {args.max_kv_size} must be larger than 4 (the kept first positions)")
+    check_cache_arguments(args)
     if args.max_queue < 1:
         raise QwenMLXError(f"--max-queue {args.max_queue} must be at least 1")
     if args.host not in LOOPBACK_HOSTS and auth is None:
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return slowed_for_tests(model), tokenizer
 
     worker = ModelWorker(
-        load_model, max_kv_size=args.max_kv_size,
+        load_model, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
         on_status=lambda status: print(f"qwen-mlx: {model_name}: {status}", file=sys.stderr, flush=True),
     )
     worker.wait_loaded()
