@@ -94,3 +94,39 @@ def test_completion_prompts(model: Model) -> None:
         with pytest.raises(APIError) as error:
             parse_completion_request(body, model)
         assert error.value.param == param
+
+
+def scripted_reply(model: Model, text: str, stream_pieces: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run a scripted model output through `Reply` as streamed chunks; the stream payloads and the response."""
+    from qwen_mlx.generate import GenerationChunk, GenerationStats
+    from qwen_mlx.openai_api import Reply
+
+    request = chat(model, messages=[{"role": "user", "content": "hi"}], tools=[TOOL])
+    reply = Reply(request, model)
+    step = max(1, len(text) // stream_pieces)
+    payloads = [p for i in range(0, len(text), step) for p in reply.add(GenerationChunk(text[i : i + step], 1))]
+    closing, response = reply.finish(GenerationChunk("", None, "stop", GenerationStats(prompt_tokens=5)))
+    return payloads + closing, response
+
+
+def test_a_malformed_call_from_the_model_is_returned_as_text(model: Model) -> None:
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
+    payloads, response = scripted_reply(model, text)
+    choice = response["choices"][0]
+    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"]
+    assert choice["message"]["content"] == text
+    streamed = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"])
+    assert streamed == text
+
+
+def test_scripted_calls_become_openai_tool_calls(model: Model) -> None:
+    calls = [{"name": "get_weather", "arguments": {"city": city}} for city in ("Paris", "Oslo")]
+    text = "\n".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
+    payloads, response = scripted_reply(model, text, stream_pieces=7)
+    message = response["choices"][0]["message"]
+    assert response["choices"][0]["finish_reason"] == "tool_calls" and message["content"] is None
+    assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [c["arguments"] for c in calls]
+    deltas = [d for p in payloads if p["choices"] for d in p["choices"][0]["delta"].get("tool_calls", [])]
+    assert [d["index"] for d in deltas] == [0, 1]
+    assert [d["id"] for d in deltas] == [c["id"] for c in message["tool_calls"]]
+    assert not any(p["choices"][0]["delta"].get("content") for p in payloads if p["choices"])
