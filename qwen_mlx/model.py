@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -24,6 +25,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
         self.rope = RoPE(head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
+        # The dtype keys and values are cached in; None: as computed. On MLX's CPU backend a half-precision
+        # quantized model computes in float32 but caches in half precision, as mlx-lm does (qwen_mlx.cpu).
+        self.kv_dtype: mx.Dtype | None = None
 
     def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
         B, L, _ = x.shape
@@ -33,6 +37,8 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
+            if self.kv_dtype is not None:
+                k, v = k.astype(self.kv_dtype), v.astype(self.kv_dtype)
             # The cache stores keys already rotated, so positions keep counting up even after eviction.
             k, v = cache.update_and_fetch(k, v)
         if isinstance(k, tuple):  # a QuantizedKVCache hands back (packed, scales, biases)
@@ -76,8 +82,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        # SwiGLU: down(silu(gate(x)) * up(x))
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    # One fused kernel (as mlx-lm's): silu(gate) never materializes, one intermediate-wide array fewer in memory.
+    return nn.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -99,9 +110,13 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [Block(config) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # The dtype activations are computed in; None: the embedding's. See qwen_mlx.cpu for why it can differ.
+        self.compute_dtype: mx.Dtype | None = None
 
     def __call__(self, ids: mx.array, cache: list[Any] | None = None) -> mx.array:
         h = self.embed_tokens(ids)
+        if self.compute_dtype is not None:
+            h = h.astype(self.compute_dtype)
         cache = cache or [None] * len(self.layers)
         mask = attention_mask(h.shape[1], cache[0])
         for layer, layer_cache in zip(self.layers, cache, strict=True):

@@ -16,6 +16,7 @@ from hf_models import save_tiny_qwen2
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError
+from qwen_mlx.cache import make_cache
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +162,17 @@ def test_repo_id_offline_without_a_cached_copy_says_how_to_get_it(tmp_path: Path
     assert "Qwen/Qwen2.5-0.5B-Instruct" in last and "HF_HUB_OFFLINE" in last and "hf download" in last
 
 
-def test_quantized_model_runs_in_float32_on_the_cpu_backend(tmp_path: Path) -> None:
-    """MLX's CPU kernels are 8-40x slower for half-precision quantized matmuls, so `load` upcasts the scales."""
+def test_quantized_model_computes_in_float32_on_the_cpu_backend_with_its_weights_as_stored(tmp_path: Path) -> None:
+    """MLX's CPU kernels are 8-40x slower for half-precision quantized matmuls, so `load` runs the activations in
+    float32; the quantized weights and the KV cache stay in the checkpoint's dtype, as lean as mlx-lm."""
     folder = save_tiny_qwen2(tmp_path / "hf", dtype="float16")
     qwen_mlx.convert(folder, tmp_path / "q4", quantize=True, q_group_size=32)
     model, _ = qwen_mlx.load(tmp_path / "q4")
     if mx.default_device().type != mx.DeviceType.cpu:
-        pytest.skip("the upcast applies to the CPU backend only")
+        pytest.skip("applies to the CPU backend only")
     proj = model.model.layers[0].self_attn.q_proj
-    assert proj.weight.dtype == mx.uint32 and proj.scales.dtype == mx.float32
-    assert model(mx.array([[1, 2, 3]])).dtype == mx.float32
+    assert proj.weight.dtype == mx.uint32 and proj.scales.dtype == mx.float16
+    assert proj.bias.dtype == mx.float32 and model.model.norm.weight.dtype == mx.float32
+    cache = make_cache(model)
+    assert model(mx.array([[1, 2, 3]]), cache=cache).dtype == mx.float32
+    assert cache[0].keys.dtype == mx.float16

@@ -1,0 +1,96 @@
+"""qwen_mlx.cpu: quantized matmuls split across streams give exactly the unsplit results, and a half-precision
+quantized model keeps its weights and KV cache in half precision while computing in float32."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from qwen_mlx.cache import make_cache
+from qwen_mlx.config import ModelConfig
+from qwen_mlx.cpu import SplitQuantizedEmbedding, SplitQuantizedLinear, prepare_for_cpu, split_quantized_matmul
+from qwen_mlx.model import Qwen2
+from qwen_mlx.quantize import quantize_model
+
+
+def quantized_model(dtype: mx.Dtype = mx.float16, tied: bool = True) -> Qwen2:
+    mx.random.seed(0)
+    config = ModelConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=1024, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=tied)
+    model = Qwen2(config)
+    model.set_dtype(dtype)
+    quantize_model(model, bits=4, group_size=32)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [1, 7])
+def test_split_matmul_is_bit_identical_to_the_whole(parts: int, length: int) -> None:
+    layer = nn.QuantizedLinear(64, 1000, bias=False, group_size=32, bits=4)
+    x = mx.random.normal((1, length, 64), key=mx.random.key(1))
+    whole = layer(x)
+    assert mx.array_equal(split_quantized_matmul(x, layer, 0, parts), whole).item()
+    assert mx.array_equal(split_quantized_matmul(x, layer, 1, parts), whole).item()  # from another stream
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_split_across_threads_gives_the_same_logits(tied: bool) -> None:
+    model = quantized_model(tied=tied)
+    ids = mx.array([[5, 17, 300, 2, 999, 42]])
+    prepare_for_cpu(model, threads=1)
+    assert not any(isinstance(m, (SplitQuantizedLinear, SplitQuantizedEmbedding)) for _, m in model.named_modules())
+    one = model(ids)
+    prepare_for_cpu(model, threads=2)
+    mlp = model.layers[0].mlp
+    # gate and up side by side, whole; the output projection (1024 rows) in two parts.
+    assert (mlp.gate_proj.first_stream, mlp.gate_proj.parts) == (0, 1)
+    assert (mlp.up_proj.first_stream, mlp.up_proj.parts) == (1, 1)
+    output = model.model.embed_tokens if tied else model.lm_head
+    assert output.parts == 2
+    assert mx.array_equal(model(ids), one).item()
+
+
+def test_half_precision_weights_stay_as_stored_and_activations_are_float32() -> None:
+    model = quantized_model(mx.bfloat16)
+    before = model.layers[0].mlp.down_proj.scales.nbytes
+    prepare_for_cpu(model, threads=2)
+    proj = model.layers[0].self_attn.q_proj
+    assert proj.scales.dtype == proj.biases.dtype == mx.bfloat16
+    assert model.layers[0].mlp.down_proj.scales.nbytes == before
+    assert proj.bias.dtype == model.model.norm.weight.dtype == mx.float32  # small, and slow in half precision
+    cache = make_cache(model)
+    assert model(mx.array([[1, 2, 3]]), cache=cache).dtype == mx.float32
+    assert cache[0].keys.dtype == mx.bfloat16  # as mlx-lm caches them
+
+
+def test_float32_checkpoint_is_left_in_float32() -> None:
+    model = quantized_model(mx.float32)
+    prepare_for_cpu(model, threads=2)
+    assert model.model.compute_dtype is None and model.layers[0].self_attn.kv_dtype is None
+    cache = make_cache(model)
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    assert cache[0].keys.dtype == mx.float32
+
+
+def test_a_split_model_runs_from_another_thread() -> None:
+    """The web UI and the server run the model on a worker thread, which gets streams of its own (MLX's
+    thread-local streams): the graph is built and evaluated there."""
+    model = quantized_model()
+    prepare_for_cpu(model, threads=2)
+    ids = mx.array([[5, 17, 300]])
+    here = model(ids)
+    result = []
+
+    def work() -> None:
+        logits = model(ids)
+        mx.eval(logits)
+        result.append(logits)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert mx.array_equal(result[0], here).item()
