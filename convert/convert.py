@@ -199,7 +199,8 @@ def plan_shards(weights: dict[str, mx.array], max_shard_bytes: int) -> list[list
     return shards
 
 
-def write_weights(folder: Path, weights: dict[str, mx.array], parameters: int, max_shard_bytes: int) -> None:
+def write_weights(folder: Path, weights: dict[str, mx.array], parameters: int,
+                  max_shard_bytes: int = MAX_SHARD_BYTES, desc: str = "Converting") -> None:
     """Evaluate and write the tensors shard by shard, with a progress bar; consumes `weights`."""
     shards = plan_shards(weights, max_shard_bytes)
     n = len(shards)
@@ -208,7 +209,7 @@ def write_weights(folder: Path, weights: dict[str, mx.array], parameters: int, m
         file_names = ["model.safetensors"]
     total = sum(v.nbytes for v in weights.values())
     weight_map: dict[str, str] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="Converting") as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc) as bar:
         for file_name, names in zip(file_names, shards, strict=True):
             shard = {}
             for name in names:
