@@ -19,11 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.demo import DEMO_CONFIG, write_random_model
+from qwen_mlx.random_model import TINY_QWEN2, write_random_model
 
 # Qwen2.5's vocabulary and tokenizer; a few small layers, so that reading 1,024 tokens takes a visible second on
 # a CPU while a 16-token message takes a few milliseconds.
-SMALL_QWEN2: dict[str, Any] = {**DEMO_CONFIG, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4}
+SMALL_QWEN2: dict[str, Any] = {**TINY_QWEN2, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4}
 REPLY_TOKENS = 8
 
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen_mlx.demo import DEMO_CONFIG, write_random_model
+from qwen_mlx.random_model import TINY_QWEN2, write_random_model
 
 # Small enough to decode a few thousand tokens in a minute on a CPU, with four full KV heads so that the cache, not
 # the logits, is what grows. The vocabulary is cut to Qwen's first 4,096 ids (the prompt stays below it) so that
 # decoding is not all output projection.
 SMALL_QWEN2: dict[str, Any] = {
-    **DEMO_CONFIG,
+    **TINY_QWEN2,
     "vocab_size": 4096,
     "hidden_size": 256,
     "intermediate_size": 512,
@@ -63,7 +63,7 @@ def main() -> None:
     from mlx_lm.models.cache import RotatingKVCache as MlxLmRotatingKVCache
 
     import qwen_mlx
-    from qwen_mlx.cache import PromptCache
+    from qwen_mlx.cache import CacheSettings, PromptCache
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else build_random_model(Path(tmp))
@@ -73,7 +73,7 @@ def main() -> None:
     prompt = [(i * 7919) % 4000 for i in range(16)]
 
     def ours(n: int, max_kv_size: int | None) -> int:
-        prompt_cache = PromptCache.new(model, max_kv_size, args.keep)
+        prompt_cache = PromptCache.new(model, CacheSettings(max_kv_size, args.keep))
         for _ in qwen_mlx.stream_generate(model, tokenizer, prompt, max_tokens=n, temperature=0,
                                           prompt_cache=prompt_cache):
             pass

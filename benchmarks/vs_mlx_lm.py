@@ -14,7 +14,7 @@ faster for speeds; below 1 is leaner or quicker for memory and times to first to
 
 - prefill tokens/s: prompt tokens over the time to the first generated token, for each of --prompt-lengths;
 - decode tokens/s: tokens after the first over the time they took, --decode-tokens after the shortest prompt;
-- peak memory: MLX's peak from the end of the warm-up to the end of the round, the weights included;
+- peak memory: the highest MLX peak of the round's generations (after the warm-up), weights included;
 - multi-turn: a scripted chat (fixed user and assistant texts, each turn adding about 50 tokens), the time to the
   first token of each turn: qwen-mlx with one PromptCache across turns (it prefills what is new), mlx-lm's
   `stream_generate` given the whole conversation each turn, and given only what extends its prompt cache (trimmed
@@ -62,6 +62,7 @@ CONVERSATION = [
     ("Please summarize the plan in three short points for the staff notice board.", None),
 ]
 SIDES = ("qwen-mlx", "mlx-lm")
+PEAKS: list[int] = []  # a worker's MLX peak memory after each generation
 
 
 # --- the workers: one process per side and round -----------------------------------------------------------------
@@ -97,6 +98,8 @@ def ours_worker(folder: str, plan: dict[str, Any]) -> dict[str, Any]:
                                               **greedy):
             if chunk.token is not None:
                 yield chunk.token
+        # stream_generate restarts MLX's peak counter at each call: keep each call's peak.
+        PEAKS.append(mx.get_peak_memory())
 
     def conversation() -> list[float]:
         prompt_cache = PromptCache.new(model)
@@ -122,6 +125,7 @@ def mlx_lm_worker(folder: str, plan: dict[str, Any]) -> dict[str, Any]:
     def tokens(prompt: list[int], n: int, prompt_cache: Any = None) -> Iterator[int]:
         for response in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=n, prompt_cache=prompt_cache):
             yield response.token
+        PEAKS.append(mx.get_peak_memory())
 
     def sync() -> None:
         # generate_step queues one step beyond the last token it hands out; let it finish outside the timings.
@@ -177,6 +181,7 @@ def measure(
     sync()
     mx.clear_cache()
     mx.reset_peak_memory()
+    first_timed = len(PEAKS)
     result: dict[str, Any] = {"weights_gb": weights / 1e9, "prompts": {}}
     for i, ids in enumerate(plan["prompts"]):
         n = plan["decode_tokens"] if i == 0 else 1
@@ -186,7 +191,7 @@ def measure(
         if stamps and len(stamps) != n:
             raise AssertionError(f"generated {len(stamps)} tokens instead of {n}")
     result["turns"] = {name: run() for name, run in conversations.items()}
-    result["peak_gb"] = mx.get_peak_memory() / 1e9
+    result["peak_gb"] = max(PEAKS[first_timed:]) / 1e9
     return result
 
 
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     import mlx.core as mx
     import mlx_lm
 
-    from qwen_mlx.bench import random_shape, write_random_quantized_model
+    from qwen_mlx.random_model import random_shape, write_random_quantized_model
 
     args.dtype = args.dtype or default_dtype()
     began, load_before = time.perf_counter(), other_load()

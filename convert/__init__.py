@@ -1,1 +1,1 @@
-"""`qwen-mlx convert`: Hugging Face Qwen2 weights → an MLX folder, optionally quantized (see convert.py)."""
+"""`qwen-mlx convert`: the command (cli.py) over the library's converter, `qwen_mlx.conversion`."""

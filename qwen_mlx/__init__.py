@@ -1,38 +1,54 @@
 """qwen-mlx: Qwen2 / Qwen2.5 on Apple MLX."""
 
-from qwen_mlx.cache import KVCache, PromptCache, RotatingKVCache, load_prompt_cache, make_cache, save_prompt_cache
+from qwen_mlx.cache import (
+    CacheSettings,
+    KVCache,
+    PromptCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    load_prompt_cache,
+    make_cache,
+    save_prompt_cache,
+)
 from qwen_mlx.chat import ToolCall, parse_tool_calls
+from qwen_mlx.conversion import convert
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.generate import GenerationChunk, GenerationResult, GenerationStats, generate, stream_generate
+from qwen_mlx.generate import (
+    GenerationChunk,
+    GenerationResult,
+    GenerationStats,
+    batch_generate,
+    generate,
+    stream_generate,
+)
 from qwen_mlx.load import DEFAULT_MODEL, load
+from qwen_mlx.request import GenerationRequest, prepare_request
 from qwen_mlx.sample import SamplingParams
 from qwen_mlx.tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_MODEL",
+    "CacheSettings",
     "GenerationChunk",
+    "GenerationRequest",
     "GenerationResult",
     "GenerationStats",
     "KVCache",
     "PromptCache",
+    "QuantizedKVCache",
     "QwenMLXError",
     "RotatingKVCache",
     "SamplingParams",
     "Tokenizer",
     "ToolCall",
+    "batch_generate",
     "convert",
     "generate",
     "load",
     "load_prompt_cache",
     "make_cache",
     "parse_tool_calls",
+    "prepare_request",
     "save_prompt_cache",
     "stream_generate",
 ]
-
-
-def convert(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - signature documented in qwen_mlx.converter.convert
-    """Hugging Face safetensors → an MLX (optionally quantized) folder; see `qwen_mlx.converter.convert`."""
-    from qwen_mlx.converter.convert import convert as _convert
-
-    return _convert(*args, **kwargs)

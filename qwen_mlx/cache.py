@@ -1,16 +1,21 @@
-"""KV caches: preallocated (KVCache), bounded (RotatingKVCache), and prompt-prefix reuse (PromptCache)."""
+"""KV caches: preallocated (KVCache), quantized (QuantizedKVCache), bounded (RotatingKVCache), their settings
+(CacheSettings), several sequences decoded together (RowsCache), and prompt-prefix reuse (PromptCache)."""
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import replaced_atomically
+
+Mask = mx.array | str | None
 
 
 def causal_mask(length: int, offset: int, window: int | None = None) -> mx.array:
@@ -23,11 +28,71 @@ def causal_mask(length: int, offset: int, window: int | None = None) -> mx.array
     return mask
 
 
-class KVCache:
-    """Keys and values of every position so far, in a buffer that grows `step` positions at a time.
+class LayerCache(Protocol):
+    """What a layer's attention asks of its cache: where the new positions start (an int, or one per sequence),
+    somewhere to put their keys and values, and the mask they need."""
 
-    Decoding writes into the preallocated slack instead of concatenating, so a token costs no copy of the cache.
-    """
+    @property
+    def offset(self) -> int | mx.array: ...
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]: ...
+
+    def make_mask(self, length: int) -> Mask: ...
+
+
+class BaseCache(ABC):
+    """The interface every cache kind implements (mlx-lm's `_BaseCache`), so the model and the generation loop
+    never ask which kind they hold: positions so far (`offset`), `update_and_fetch`, `make_mask`, rewinding
+    (`trim`, `is_trimmable`), saving (`state` / `from_state`), size (`nbytes`) and a fresh copy (`empty`)."""
+
+    offset: int
+
+    @abstractmethod
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
+        """Store the new positions' keys and values; return every position the next attention sees."""
+
+    @abstractmethod
+    def make_mask(self, length: int) -> Mask:
+        """The attention mask for `length` new positions: None, the fused kernel's "causal", or an array."""
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` positions (the next ones overwrite them); returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int: ...
+
+    @abstractmethod
+    def state(self) -> tuple[dict[str, mx.array], dict[str, int]]:
+        """Arrays and integer settings that `from_state` rebuilds the cache from (`save_prompt_cache`)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, arrays: dict[str, mx.array], meta: dict[str, int]) -> BaseCache: ...
+
+    @abstractmethod
+    def empty(self) -> BaseCache:
+        """A new, empty cache of the same kind and settings."""
+
+
+def with_room(buffer: mx.array | None, used: int, new: mx.array, step: int) -> mx.array:
+    """`buffer` (batch, heads, positions, dim) with room for `new` after its first `used` positions, grown by
+    whole `step`s: decoding then writes into the slack instead of concatenating, so a token costs no copy."""
+    if buffer is not None and used + new.shape[2] <= buffer.shape[2]:
+        return buffer
+    B, heads, length, dim = new.shape
+    room = mx.zeros((B, heads, (length + step - 1) // step * step, dim), new.dtype)
+    return room if buffer is None else mx.concatenate([buffer[..., :used, :], room], axis=2)
+
+
+class KVCache(BaseCache):
+    """Keys and values of every position so far, in a buffer that grows `step` positions at a time."""
 
     step = 256
 
@@ -37,33 +102,17 @@ class KVCache:
         self.offset = 0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        prev, length = self.offset, keys.shape[2]
-        if self.keys is None or prev + length > self.keys.shape[2]:
-            B, heads, _, dim = keys.shape
-            n_steps = (self.step + length - 1) // self.step
-            grow_k = mx.zeros((B, heads, n_steps * self.step, dim), keys.dtype)
-            grow_v = mx.zeros((B, heads, n_steps * self.step, values.shape[3]), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = grow_k, grow_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], grow_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], grow_v], axis=2)
-        self.offset += length
+        prev = self.offset
+        self.keys = with_room(self.keys, prev, keys, self.step)
+        self.values = with_room(self.values, prev, values, self.step)
+        self.offset += keys.shape[2]
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    def make_mask(self, length: int) -> str | None:
+    def make_mask(self, length: int) -> Mask:
         # The fused kernel's "causal" aligns the queries with the last keys, so the offset needs no mask.
         return "causal" if length > 1 else None
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
 
     @property
     def nbytes(self) -> int:
@@ -84,63 +133,51 @@ class KVCache:
         cache.offset = meta["offset"]
         return cache
 
+    def empty(self) -> KVCache:
+        return KVCache()
 
-class QuantizedKVCache:
+
+class QuantizedKVCache(BaseCache):
     """A KVCache whose keys and values are stored as `bits`-bit affine groups (`mx.quantize`), as mlx-lm's
     QuantizedKVCache: at 4 bits a long context takes a quarter of the float16 memory. Attention then runs on the
-    quantized tensors directly (`model.quantized_attention`)."""
+    quantized tensors directly (`attention.quantized_attention`)."""
 
     step = 256
 
     def __init__(self, group_size: int = 64, bits: int = 8) -> None:
         if bits not in (4, 8):
-            raise QwenMLXError(f"kv_bits {bits} is not supported; use 4 or 8")
+            raise QwenMLXError(f"kv_bits {bits} is not supported; use 4 or 8", "kv_bits")
         self.group_size = group_size
         self.bits = bits
-        self.keys: tuple[mx.array, mx.array, mx.array] | None = None
-        self.values: tuple[mx.array, mx.array, mx.array] | None = None
+        # (packed codes, scales, biases) each; None until the first positions arrive
+        self.keys: tuple[mx.array, ...] | None = None
+        self.values: tuple[mx.array, ...] | None = None
         self.offset = 0
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[tuple[mx.array, ...], tuple[mx.array, ...]]:
         if keys.shape[-1] % self.group_size:
             raise QwenMLXError(
-                f"kv_group_size {self.group_size} does not divide the head size {keys.shape[-1]}; try 32 or 64"
+                f"kv_group_size {self.group_size} does not divide the head size {keys.shape[-1]}; try 32 or 64",
+                "kv_group_size",
             )
-        prev, length = self.offset, keys.shape[2]
-        if self.keys is None or prev + length > self.keys[0].shape[2]:
-            B, heads = keys.shape[:2]
-            size = (self.step + length - 1) // self.step * self.step
-
-            def grown(old: tuple[mx.array, ...] | None, dim: int, dtype: mx.Dtype) -> tuple[mx.array, ...]:
-                groups = dim // self.group_size
-                shapes = [(dim * self.bits // 32, mx.uint32), (groups, dtype), (groups, dtype)]
-                new = [mx.zeros((B, heads, size, d), t) for d, t in shapes]
-                if old is None:
-                    return tuple(new)
-                return tuple(mx.concatenate([o[..., :prev, :], n], axis=2) for o, n in zip(old, new, strict=True))
-
-            self.keys = grown(self.keys, keys.shape[-1], keys.dtype)
-            self.values = grown(self.values, values.shape[-1], values.dtype)
-        self.offset += length
-        for stored, new in ((self.keys, keys), (self.values, values)):
-            for buffer, part in zip(stored, mx.quantize(new, group_size=self.group_size, bits=self.bits), strict=True):
+        prev = self.offset
+        self.offset += keys.shape[2]
+        stored = []
+        for buffers, new in ((self.keys, keys), (self.values, values)):
+            parts = mx.quantize(new, group_size=self.group_size, bits=self.bits)
+            grown = tuple(with_room(b, prev, p, self.step) for b, p in zip(buffers or (None,) * 3, parts, strict=True))
+            for buffer, part in zip(grown, parts, strict=True):
                 buffer[..., prev : self.offset, :] = part
+            stored.append(grown)
+        self.keys, self.values = stored
         return (
             tuple(k[..., : self.offset, :] for k in self.keys),
             tuple(v[..., : self.offset, :] for v in self.values),
         )
 
-    def make_mask(self, length: int) -> mx.array | None:
+    def make_mask(self, length: int) -> Mask:
         # The quantized attention has no fused causal mode: spell the mask out.
         return causal_mask(length, self.offset) if length > 1 else None
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
 
     @property
     def nbytes(self) -> int:
@@ -163,8 +200,11 @@ class QuantizedKVCache:
         cache.offset = meta["offset"]
         return cache
 
+    def empty(self) -> QuantizedKVCache:
+        return QuantizedKVCache(self.group_size, self.bits)
 
-class RotatingKVCache:
+
+class RotatingKVCache(BaseCache):
     """At most `max_size` positions: the first `keep` (attention sinks) stay forever, the rest is a ring buffer.
 
     The semantics are mlx-lm's RotatingKVCache, so the two attend to the same positions at every step:
@@ -178,7 +218,7 @@ class RotatingKVCache:
 
     def __init__(self, max_size: int, keep: int = 4) -> None:
         if max_size <= keep:
-            raise QwenMLXError(f"max_kv_size {max_size} must be larger than keep={keep}")
+            raise QwenMLXError(f"max_kv_size {max_size} must be larger than keep={keep}", "max_kv_size")
         self.max_size = max_size
         self.keep = keep
         self.keys: mx.array | None = None
@@ -245,7 +285,7 @@ class RotatingKVCache:
             return self._append_one(keys, values)
         return self._append_chunk(keys, values)
 
-    def make_mask(self, length: int) -> mx.array | str | None:
+    def make_mask(self, length: int) -> Mask:
         if length == 1:
             return None  # one query sees every key the buffer holds, in whatever order
         offset = min(self.max_size - 1, self.offset)
@@ -257,8 +297,7 @@ class RotatingKVCache:
         return self.offset < self.max_size
 
     def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
+        n = super().trim(n)
         self._idx -= n
         return n
 
@@ -279,35 +318,93 @@ class RotatingKVCache:
         cache.offset, cache._idx = meta["offset"], meta["idx"]
         return cache
 
+    def empty(self) -> RotatingKVCache:
+        return RotatingKVCache(self.max_size, self.keep)
 
-Cache = KVCache | QuantizedKVCache | RotatingKVCache
+
+CACHE_KINDS: dict[str, type[BaseCache]] = {c.__name__: c for c in (KVCache, QuantizedKVCache, RotatingKVCache)}
 
 
-def make_cache(
-    model: nn.Module,
-    max_kv_size: int | None = None,
-    keep: int = 4,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-) -> list[Cache]:
-    """One cache per layer: preallocated and unbounded, rotating with `max_kv_size` positions, or quantized to
-    `kv_bits` (4 or 8) for long contexts in less memory."""
-    if max_kv_size is not None and kv_bits is not None:
-        raise QwenMLXError("choose either a rotating cache (max_kv_size) or a quantized one (kv_bits), not both")
-    if kv_bits is not None:
-        return [QuantizedKVCache(kv_group_size, kv_bits) for _ in model.layers]
-    if max_kv_size is None:
-        return [KVCache() for _ in model.layers]
-    return [RotatingKVCache(max_kv_size, keep) for _ in model.layers]
+@dataclass(frozen=True)
+class CacheSettings:
+    """How a sequence's KV cache is kept: unbounded (the default), rotating over `max_kv_size` positions with the
+    first `keep` always kept, or quantized to `kv_bits` (4 or 8) in groups of `kv_group_size`."""
+
+    max_kv_size: int | None = None
+    keep: int = 4
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_kv_size is not None and self.kv_bits is not None:
+            raise QwenMLXError("choose either a rotating cache (max_kv_size, --max-kv-size) or a quantized one "
+                               "(kv_bits, --kv-bits), not both", "max_kv_size")
+        if self.max_kv_size is not None and self.max_kv_size <= self.keep:
+            raise QwenMLXError(f"max_kv_size (--max-kv-size) {self.max_kv_size} must be larger than {self.keep}, "
+                               "the first positions it always keeps", "max_kv_size")
+        if self.kv_bits is not None and self.kv_bits not in (4, 8):
+            raise QwenMLXError(f"kv_bits {self.kv_bits} is not supported; use 4 or 8", "kv_bits")
+        if self.kv_group_size not in (32, 64, 128):
+            raise QwenMLXError(f"kv_group_size {self.kv_group_size} is not supported; use 32, 64 or 128",
+                               "kv_group_size")
+
+    @property
+    def rotating(self) -> bool:
+        return self.max_kv_size is not None
+
+    def layer_cache(self) -> BaseCache:
+        if self.kv_bits is not None:
+            return QuantizedKVCache(self.kv_group_size, self.kv_bits)
+        if self.max_kv_size is not None:
+            return RotatingKVCache(self.max_kv_size, self.keep)
+        return KVCache()
+
+
+def make_cache(model: nn.Module, settings: CacheSettings | None = None) -> list[BaseCache]:
+    """One cache per layer of `model`, as `settings` say (default: preallocated and unbounded)."""
+    settings = settings or CacheSettings()
+    return [settings.layer_cache() for _ in model.layers]
+
+
+class RowsCache:
+    """One layer's caches of several sequences that decode a token each in the same forward pass.
+
+    Each sequence keeps its own cache (of any kind, its own length), so nothing is padded or copied when
+    sequences join or leave: the projections and the MLP run batched, attention runs per row on that row's keys
+    (`attention.scaled_dot_product_attention` takes the lists this returns).
+    """
+
+    def __init__(self, rows: list[LayerCache]):
+        self.rows = rows
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array([row.offset for row in self.rows])
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list[Any], list[Any]]:
+        fetched = [row.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, row in enumerate(self.rows)]
+        return [k for k, _ in fetched], [v for _, v in fetched]
+
+    def make_mask(self, length: int) -> Mask:
+        if length != 1:
+            raise ValueError("sequences decoded together take one token each per step")
+        return None
 
 
 def longest_common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading ids `a` and `b` share. Slices compare in C: a 32K-token conversation takes microseconds,
+    where a Python loop over it would take milliseconds every turn."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n - 1  # a[:low] == b[:low], a[:high + 1] != b[:high + 1]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 @dataclass
@@ -315,23 +412,25 @@ class PromptCache:
     """A model's per-layer caches together with the token ids they hold, so a new prompt that starts the same
     way (the next chat turn, a regenerate, an edited message) prefills only what is new."""
 
-    caches: list[Cache]
+    caches: list[BaseCache]
     tokens: list[int] = field(default_factory=list)
 
     @classmethod
-    def new(
-        cls,
-        model: nn.Module,
-        max_kv_size: int | None = None,
-        keep: int = 4,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-    ) -> PromptCache:
-        return cls(make_cache(model, max_kv_size, keep, kv_bits, kv_group_size))
+    def new(cls, model: nn.Module, settings: CacheSettings | None = None) -> PromptCache:
+        return cls(make_cache(model, settings))
 
     @property
     def offset(self) -> int:
         return self.caches[0].offset if self.caches else 0
+
+    def is_trimmable(self) -> bool:
+        return all(c.is_trimmable() for c in self.caches)
+
+    def trim(self, n: int) -> None:
+        """Forget the last `n` positions (rejected draft tokens, a reply cut short)."""
+        for c in self.caches:
+            c.trim(n)
+        del self.tokens[len(self.tokens) - n :]
 
     def reuse(self, prompt: list[int]) -> list[int]:
         """Trim the caches back to the longest prefix they share with `prompt`; return the tokens to prefill.
@@ -341,12 +440,11 @@ class PromptCache:
         common = min(longest_common_prefix(self.tokens, prompt), len(prompt) - 1)
         stale = len(self.tokens) - common
         if stale > 0:
-            if all(c.is_trimmable() for c in self.caches):
-                for c in self.caches:
-                    c.trim(stale)
+            if self.is_trimmable():
+                self.trim(stale)
             else:
                 # A rotating cache past its window has evicted positions; it cannot be rewound, only rebuilt.
-                self.caches = [_empty_like(c) for c in self.caches]
+                self.caches = [c.empty() for c in self.caches]
                 common = 0
         self.tokens = list(prompt[:common])
         return list(prompt[common:])
@@ -354,14 +452,6 @@ class PromptCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
-
-
-def _empty_like(cache: Cache) -> Cache:
-    if isinstance(cache, RotatingKVCache):
-        return RotatingKVCache(cache.max_size, cache.keep)
-    if isinstance(cache, QuantizedKVCache):
-        return QuantizedKVCache(cache.group_size, cache.bits)
-    return KVCache()
 
 
 def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, metadata: dict[str, str] | None = None) -> None:
@@ -393,10 +483,9 @@ def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
         raise QwenMLXError(f"{path}: cannot read the prompt cache ({e})") from None
     if header.get("format") != "qwen-mlx-prompt-cache":
         raise QwenMLXError(f"{path}: not a qwen-mlx prompt cache (write one with `qwen-mlx cache-prompt`)")
-    classes = {"KVCache": KVCache, "QuantizedKVCache": QuantizedKVCache, "RotatingKVCache": RotatingKVCache}
     caches = []
     for i, meta in enumerate(json.loads(header["layers"])):
         prefix = f"layers.{i}."
         layer_arrays = {name[len(prefix) :]: a for name, a in arrays.items() if name.startswith(prefix)}
-        caches.append(classes[meta.pop("type")].from_state(layer_arrays, meta))
+        caches.append(CACHE_KINDS[meta.pop("type")].from_state(layer_arrays, meta))
     return PromptCache(caches, json.loads(header["tokens"])), json.loads(header["metadata"])

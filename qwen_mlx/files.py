@@ -1,4 +1,5 @@
-"""Writing a user's files without ever leaving one half-written: a temporary file beside it, then a rename."""
+"""The user's files: where qwen-mlx keeps its own, and writing any without ever leaving one half-written (a
+temporary file beside it, then a rename)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,10 @@ def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def data_home() -> Path:
+    """Where qwen-mlx keeps its own files (demo model, conversations): $QWEN_MLX_HOME, else ~/.cache/qwen-mlx."""
+    if os.environ.get("QWEN_MLX_HOME"):
+        return Path(os.environ["QWEN_MLX_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-mlx"

@@ -1,8 +1,8 @@
-"""Prefill + decode: chunked prompt processing, the async decode loop, stop conditions and statistics."""
+"""The text layer over the token loop (`decode.py`): prompts in, streamed text out, with stop strings, tool calls
+and statistics; one reply (`stream_generate`, `generate`) or many decoded together (`batch_generate`)."""
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -14,15 +14,10 @@ import mlx.nn as nn
 
 from qwen_mlx.cache import PromptCache
 from qwen_mlx.chat import ToolCall, parse_tool_calls
-from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.grammar import TokenConstraint, json_schema_grammar
-from qwen_mlx.sample import Sampler, SamplingParams, apply_repetition_penalty
+from qwen_mlx.decode import Decoder, Event
+from qwen_mlx.decode import Sequence as TokenSequence
+from qwen_mlx.request import GenerationRequest, Prompt, check_int, prepare_request
 from qwen_mlx.tokenizer import Tokenizer
-
-MAX_TOKENS_LIMIT = 8192  # Qwen2.5's generation limit (model card)
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
-
-Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
 
 
 @dataclass
@@ -35,7 +30,10 @@ class GenerationStats:
     time_to_first_token: float = 0.0  # seconds
     peak_memory_gb: float = 0.0
     context_tokens: int = 0  # positions in the context after this reply
-    context_size: int = 0  # the model's context length
+    context_length: int = 0  # the model's context length
+    decode_passes: int = 0  # forward passes of the model that produced reply tokens
+    draft_tokens: int = 0  # speculative decoding: tokens proposed and verified
+    accepted_draft_tokens: int = 0  # ... and the ones the model agreed with
 
 
 @dataclass
@@ -59,36 +57,6 @@ class GenerationResult:
     stats: GenerationStats
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_call_errors: list[str] = field(default_factory=list)
-
-
-def encode_prompt(
-    tokenizer: Tokenizer, prompt: Prompt, vocab_size: int, tools: list[dict[str, Any]] | None = None
-) -> list[int]:
-    """Token ids for a plain string (ordinary text), chat messages (the chat template), or ids as they are.
-
-    Ids are checked against the model's vocabulary, which may be padded past the tokenizer's (Qwen2.5: 152064 vs
-    151665): a model can generate such ids, and they may be fed back.
-    """
-    if isinstance(prompt, str):
-        if not prompt:
-            raise QwenMLXError("the prompt is empty")
-        if tools:
-            raise QwenMLXError("tools need chat messages as the prompt, e.g. [{'role': 'user', 'content': ...}]")
-        return tokenizer.encode(prompt)
-    items = list(prompt)
-    if not items:
-        raise QwenMLXError("the prompt is empty")
-    if all(isinstance(m, dict) for m in items):
-        for m in items:
-            if "role" not in m or ("content" not in m and "tool_calls" not in m):
-                raise QwenMLXError(f"chat message {m!r} needs a 'role' and a 'content'")
-        return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True, tokenize=True)
-    if all(isinstance(t, int) for t in items):
-        bad = [t for t in items if not 0 <= t < vocab_size]
-        if bad:
-            raise QwenMLXError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
-        return items
-    raise QwenMLXError("the prompt must be a string, a list of chat messages (dicts) or a list of token ids")
 
 
 class StopMatcher:
@@ -123,26 +91,77 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def prefill(
-    model: nn.Module,
-    tokens: list[int],
-    prompt_cache: PromptCache,
-    step_size: int,
-    cancel: threading.Event | None = None,
-) -> bool:
-    """Run `tokens` through the model into the cache, `step_size` at a time so activations stay bounded.
+class ReplyText:
+    """One sequence's events as text chunks: whole characters only, stop strings never shown, and a last chunk
+    with the finish reason and the statistics. `stopped` says a stop string was reached: the caller then ends
+    the sequence (`Decoder.finish`), whose event gives the last chunk."""
 
-    Returns False if `cancel` was set between two chunks (a long prompt can take minutes on a CPU); the cache then
-    holds the chunks done so far, and `prompt_cache.tokens` says which.
-    """
-    for start in range(0, len(tokens), step_size):
-        if cancel is not None and cancel.is_set():
-            return False
-        chunk = tokens[start : start + step_size]
-        model(mx.array(chunk)[None], cache=prompt_cache.caches)
-        mx.eval([(c.keys, c.values) for c in prompt_cache.caches])
-        prompt_cache.tokens += chunk
-    return True
+    def __init__(self, tokenizer: Tokenizer, sequence: TokenSequence, context_length: int):
+        self.sequence = sequence
+        self.detokenizer = tokenizer.detokenizer()
+        self.matcher = StopMatcher(sequence.request.stop)
+        self.context_length = context_length
+        self.start = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.tokens: list[int] = []  # the reply's tokens so far
+        self.stopped = False  # a stop string was reached
+        self.done = False  # the last chunk was made
+
+    def chunk(self, event: Event) -> GenerationChunk:
+        token = event.token
+        if token is None:
+            self.done = True
+            # "error": the sequence's processor failed (`sequence.error`); the caller raises or reports it
+            return GenerationChunk(self._tail(), None, event.finish, self.stats())
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.tokens.append(token.id)
+        text, self.stopped = self.matcher.feed(self.detokenizer.add(token.id))
+        return GenerationChunk(text, token.id, logprob=token.logprob, top_logprobs=token.top_logprobs)
+
+    def _tail(self) -> str:
+        if self.stopped:
+            return ""
+        # The stream is over: bytes of an unfinished character show as U+FFFD (as decode shows them), and text
+        # held back as a possible stop-string start is released.
+        tail, self.stopped = self.matcher.feed(self.detokenizer.finalize())
+        return tail if self.stopped else tail + self.matcher.flush()
+
+    def stats(self) -> GenerationStats:
+        s = self.sequence
+        end = time.perf_counter()
+        first = self.first_token_time
+        ttft = (first or end) - self.start
+        decode_time = end - (first or end)
+        return GenerationStats(
+            prompt_tokens=len(s.request.prompt_ids),
+            prefilled_tokens=s.prefilled_tokens,
+            generation_tokens=s.generated,
+            prompt_tps=s.prefilled_tokens / ttft if first is not None and ttft > 0 else 0.0,
+            generation_tps=(s.generated - 1) / decode_time if s.generated > 1 and decode_time > 0 else 0.0,
+            time_to_first_token=ttft if first is not None else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            context_tokens=s.cache.offset,
+            context_length=self.context_length,
+            decode_passes=s.counters.passes,
+            draft_tokens=s.counters.drafted,
+            accepted_draft_tokens=s.counters.accepted,
+        )
+
+
+def text_chunks(decoder: Decoder, replies: dict[TokenSequence, ReplyText]) -> Iterator[tuple[ReplyText,
+                                                                                             GenerationChunk]]:
+    """One decoder step's events as (reply, chunk) pairs: the text layer over the token loop. A sequence whose
+    text reaches a stop string is ended there (its events after that are dropped)."""
+    for event in decoder.step():
+        reply = replies[event.sequence]
+        if reply.done:
+            continue
+        chunk = reply.chunk(event)
+        yield reply, chunk
+        if reply.stopped and not reply.done:
+            kept = len(reply.tokens)
+            yield reply, reply.chunk(decoder.finish(event.sequence, "stop", kept=kept))
 
 
 def stream_generate(
@@ -150,192 +169,53 @@ def stream_generate(
     tokenizer: Tokenizer,
     prompt: Prompt,
     *,
-    max_tokens: int = 512,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] | str | None = None,
-    tools: list[dict[str, Any]] | None = None,
     prompt_cache: PromptCache | None = None,
-    max_kv_size: int | None = None,
-    keep: int = 4,
-    kv_bits: int | None = None,
-    kv_group_size: int = 64,
-    prefill_step_size: int = 512,
     cancel: threading.Event | None = None,
-    json_schema: dict[str, Any] | None = None,
-    response_format: dict[str, Any] | None = None,
-    grammar: str | None = None,
-    logprobs: int | None = None,
+    **options: Any,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, yielding text as it is decoded.
 
-    Sampling defaults come from the model's generation_config.json (`model.sampling_defaults`); any argument
-    given overrides them, and `temperature=0` is greedy. Generation ends at an end-of-turn id, a `stop` string
-    (never shown), `max_tokens` or the context limit, or when `cancel` is set. With `prompt_cache`, the longest
-    prefix it shares with this prompt is reused and the cache is left holding the whole exchange.
+    Options (all checked before any compute, see `request.prepare_request`):
+    - sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty` (defaults: the model's
+      generation_config.json, `model.sampling_defaults`; `temperature=0` is greedy), `seed` (any integer);
+    - limits: `max_tokens` (default 512, at most 8192), `stop` strings (never shown);
+    - `tools`: OpenAI-style function schemas for the chat template; `generate` parses the calls;
+    - structured output: `json_schema` (or OpenAI's `response_format`, `{"type": "json_object"}` or
+      `{"type": "json_schema", "json_schema": {"schema": ...}}`) makes the reply one JSON value valid against
+      the schema, by masking every token that would break it; `grammar` takes any llguidance grammar (e.g.
+      `qwen_mlx.grammar.tool_call_grammar`);
+    - `logprobs=k`: each token's log-probability and the k likeliest;
+    - the KV cache: `max_kv_size` + `keep` (rotating), `kv_bits` + `kv_group_size` (quantized);
+      `prefill_step_size` prompt tokens per forward pass.
 
-    Structured output: `json_schema` (or OpenAI's `response_format`, `{"type": "json_object"}` or
-    `{"type": "json_schema", "json_schema": {"schema": ...}}`) makes the reply one JSON value valid against the
-    schema, by masking every token that would break it; `grammar` takes any llguidance grammar (e.g.
-    `qwen_mlx.grammar.tool_call_grammar`). `logprobs=k` reports each token's log-probability and the k likeliest.
+    Generation ends at an end-of-turn id, a stop string, `max_tokens` or the context's end, or when `cancel` is
+    set. With `prompt_cache`, the longest prefix it shares with this prompt is reused and the cache is left
+    holding the whole exchange.
     """
-    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise QwenMLXError(f"max_tokens {max_tokens} must be between 1 and {MAX_TOKENS_LIMIT}")
-    defaults = getattr(model, "sampling_defaults", SamplingParams())
-    params = defaults.updated(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty
-    )
-    prompt_ids = encode_prompt(tokenizer, prompt, model.config.vocab_size, tools)
-    context_size = model.config.context_length
-    if len(prompt_ids) >= context_size:
-        raise QwenMLXError(
-            f"the prompt is {len(prompt_ids)} tokens but the model's context is {context_size}; shorten it"
-        )
-    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-        raise QwenMLXError(f"logprobs {logprobs} must be between 0 and {MAX_TOP_LOGPROBS}")
-    grammar = structured_output_grammar(json_schema, response_format, grammar)
-    vocab_size = model.config.vocab_size
-    constraint = TokenConstraint(tokenizer, vocab_size, grammar) if grammar is not None else None
-    if prompt_cache is None:
-        prompt_cache = PromptCache.new(model, max_kv_size, keep, kv_bits, kv_group_size)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    eos = set(tokenizer.eos_token_ids)
-    sampler = Sampler(params, seed)
-    detokenizer = tokenizer.detokenizer()
-    matcher = StopMatcher(stops)
-    history = mx.array(prompt_ids) if params.repetition_penalty != 1.0 else mx.array([], dtype=mx.int32)
+    request = prepare_request(model, tokenizer, prompt, **options)
+    yield from run_request(model, tokenizer, request, prompt_cache, cancel)
 
-    start = time.perf_counter()
+
+def run_request(model: nn.Module, tokenizer: Tokenizer, request: GenerationRequest,
+                prompt_cache: PromptCache | None = None,
+                cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+    """`stream_generate` for a request already checked."""
     mx.reset_peak_memory()
-    todo = prompt_cache.reuse(prompt_ids)
-    stats = GenerationStats(prompt_tokens=len(prompt_ids), prefilled_tokens=len(todo), context_size=context_size)
-    # All but the last prompt token are prefilled in chunks; the last one's logits give the first reply token.
-    if not prefill(model, todo[:-1], prompt_cache, prefill_step_size, cancel):
-        yield GenerationChunk("", None, "cancelled", stats)
-        return
-
-    def step(token: mx.array) -> tuple[mx.array, tuple[mx.array, ...]]:
-        """The next token (and its log-probabilities, if asked) after `token`, queued for evaluation."""
-        nonlocal history
-        logits = model(token[None], cache=prompt_cache.caches)[:, -1, :]
-        if constraint is not None:
-            # Start the model on this step, and compute the grammar's mask on the host meanwhile.
-            mx.async_eval(logits)
-            logits = constraint.apply(logits)
-        if params.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
-        next_token = sampler(logits)
-        if params.repetition_penalty != 1.0:
-            history = mx.concatenate([history, next_token])
-        extra = token_logprobs(logits, next_token, logprobs) if logprobs is not None else ()
-        mx.async_eval(next_token, *extra)
-        return next_token, extra
-
-    def feed(token_ids: list[int]) -> tuple[mx.array, tuple[mx.array, ...]]:
-        prompt_cache.tokens += token_ids
-        return step(mx.array(token_ids))
-
-    y, y_logprobs = feed(todo[-1:])
-    generated: list[int] = []
-    finish, hit_stop = "length", False
-    first_token_time = None
-    while True:
-        token = y.item()
-        logprob_info = _read_logprobs(y_logprobs)
-        if first_token_time is None:
-            first_token_time = time.perf_counter()
-            stats.time_to_first_token = first_token_time - start
-            stats.prompt_tps = len(todo) / stats.time_to_first_token
-        if token in eos:
-            finish = "stop"
-            break
-        generated.append(token)
-        if constraint is not None:
-            constraint.consume(token)
-        at_limit = len(generated) >= max_tokens or prompt_cache.offset + 1 >= context_size
-        cancelled = cancel is not None and cancel.is_set()
-        if not (at_limit or cancelled):
-            # Queue the next step before streaming this token, so the model computes while Python works.
-            y, y_logprobs = feed([token])
-        text, hit_stop = matcher.feed(detokenizer.add(token))
-        yield GenerationChunk(text, token, logprob=logprob_info[0], top_logprobs=logprob_info[1])
-        if hit_stop:
-            finish = "stop"
-            break
-        if cancel is not None and cancel.is_set():  # checked again: the caller may have set it while we yielded
-            finish = "cancelled"
-            break
-        if at_limit:
-            break
-    tail = ""
-    if not hit_stop:
-        # The stream is over: bytes of an unfinished character show as U+FFFD (as decode shows them), and text
-        # held back as a possible stop-string start is released.
-        tail, hit_stop = matcher.feed(detokenizer.finalize())
-        if not hit_stop:
-            tail += matcher.flush()
-    end = time.perf_counter()
-    stats.generation_tokens = len(generated)
-    decode_time = end - (first_token_time or end)
-    stats.generation_tps = (len(generated) - 1) / decode_time if len(generated) > 1 and decode_time > 0 else 0.0
-    stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-    stats.context_tokens = prompt_cache.offset
-    yield GenerationChunk(tail, None, finish, stats)
+    decoder = Decoder(model, tokenizer)
+    cache = prompt_cache if prompt_cache is not None else PromptCache.new(model, request.cache)
+    sequence = decoder.add(request, cache, cancel)
+    replies = {sequence: ReplyText(tokenizer, sequence, model.config.context_length)}
+    while decoder.sequences:
+        for _, chunk in text_chunks(decoder, replies):
+            if chunk.finish_reason == "error":
+                raise sequence.error
+            yield chunk
 
 
-def structured_output_grammar(
-    json_schema: dict[str, Any] | None, response_format: dict[str, Any] | None, grammar: str | None
-) -> str | None:
-    """The one grammar that `json_schema`, an OpenAI `response_format` or an explicit `grammar` asks for."""
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind == "json_schema":
-            spec = response_format.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-                raise QwenMLXError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
-            json_schema = spec.get("schema", {})
-        elif kind == "json_object":
-            json_schema = {"type": "object"}
-        elif kind != "text":
-            raise QwenMLXError(
-                f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'"
-            )
-    given = [g for g in (json_schema, grammar) if g is not None]
-    if len(given) > 1:
-        raise QwenMLXError("give only one of json_schema / response_format and grammar")
-    return json_schema_grammar(json_schema) if json_schema is not None else grammar
-
-
-def token_logprobs(logits: mx.array, token: mx.array, top: int) -> tuple[mx.array, ...]:
-    """Log-probability of `token` under `logits` (as sampled from, at temperature 1), and the `top` likeliest."""
-    logprobs = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
-    chosen = mx.take_along_axis(logprobs, token[:, None], axis=-1)[0, 0]
-    if top == 0:
-        return (chosen,)
-    ids = mx.argpartition(-logprobs, kth=top - 1, axis=-1)[0, :top]
-    values = logprobs[0, ids]
-    order = mx.argsort(-values)
-    return chosen, ids[order], values[order]
-
-
-def _read_logprobs(arrays: tuple[mx.array, ...]) -> tuple[float | None, list[tuple[int, float]] | None]:
-    if not arrays:
-        return None, None
-    chosen = arrays[0].item()
-    top = list(zip(arrays[1].tolist(), arrays[2].tolist(), strict=True)) if len(arrays) > 1 else []
-    # Tokens a grammar rules out have probability 0: they are not among the likeliest.
-    return chosen, [(t, v) for t, v in top if v != -math.inf]
-
-
-def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) -> GenerationResult:
-    """The whole reply at once (see `stream_generate` for the arguments), with tool calls parsed when `tools`
-    were given."""
+def collect(chunks: Iterator[GenerationChunk], tools: list[dict[str, Any]] | None) -> GenerationResult:
+    """The whole reply of a chunk stream, with its tool calls parsed when `tools` were given."""
     text, tokens = [], []
-    for chunk in stream_generate(model, tokenizer, prompt, **kwargs):
+    for chunk in chunks:
         text.append(chunk.text)
         if chunk.token is not None:
             tokens.append(chunk.token)
@@ -343,7 +223,37 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, **kwargs: A
             finish, stats = chunk.finish_reason, chunk.stats
     reply = "".join(text)
     result = GenerationResult(reply, tokens, finish, stats)
-    if kwargs.get("tools"):
+    if tools:
         parsed = parse_tool_calls(reply)
         result.tool_calls, result.tool_call_errors = parsed.calls, parsed.errors
     return result
+
+
+def generate(model: nn.Module, tokenizer: Tokenizer, prompt: Prompt, **kwargs: Any) -> GenerationResult:
+    """The whole reply at once (see `stream_generate` for the arguments), with tool calls parsed when `tools`
+    were given."""
+    return collect(stream_generate(model, tokenizer, prompt, **kwargs), kwargs.get("tools"))
+
+
+def batch_generate(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Prompt], *, max_batch: int = 8,
+                   **options: Any) -> list[GenerationResult]:
+    """One reply per prompt, in order, up to `max_batch` of them decoded together (one forward pass per step for
+    all of them); `options` as for `stream_generate`, the same for every prompt. A greedy or seeded reply is the
+    one the prompt gets alone."""
+    check_int("max_batch", max_batch, 1)
+    waiting = [prepare_request(model, tokenizer, p, **options) for p in prompts]
+    mx.reset_peak_memory()
+    decoder = Decoder(model, tokenizer)
+    replies: dict[TokenSequence, ReplyText] = {}
+    chunks: dict[TokenSequence, list[GenerationChunk]] = {}
+    while waiting or decoder.sequences:
+        while waiting and len(decoder.sequences) < max_batch:
+            request = waiting.pop(0)
+            sequence = decoder.add(request, PromptCache.new(model, request.cache))
+            replies[sequence] = ReplyText(tokenizer, sequence, model.config.context_length)
+            chunks[sequence] = []
+        for reply, chunk in text_chunks(decoder, replies):
+            if chunk.finish_reason == "error":
+                raise reply.sequence.error
+            chunks[reply.sequence].append(chunk)
+    return [collect(iter(c), s.request.tools) for s, c in chunks.items()]

@@ -3,6 +3,7 @@
 The grammar engine is llguidance: it builds its token trie straight from our `tokenizer.json`, computes the mask
 of a 152k vocabulary in about a millisecond, and compiles JSON schemas and Lark grammars (which the tool-call
 envelope needs). The mask for step n+1 is computed on the host while the model computes step n+1's logits.
+`GrammarMask` is the logits processor that applies it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import llguidance
@@ -29,16 +31,51 @@ _ll_tokenizers: weakref.WeakKeyDictionary[Tokenizer, dict[int, llguidance.LLToke
 _lock = threading.Lock()
 
 
-def json_schema_grammar(schema: dict[str, Any] | None) -> str:
+def json_schema_grammar(schema: dict[str, Any] | None, field: str = "json_schema") -> str:
     """A grammar for one JSON value that validates against `schema` (None: any JSON object)."""
     if schema is None:
         schema = {"type": "object"}
     if not isinstance(schema, dict):
-        raise QwenMLXError(f"a JSON schema must be an object, not {type(schema).__name__}")
+        raise QwenMLXError(f"a JSON schema must be an object, not {type(schema).__name__}", field)
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
     except ValueError as e:
-        raise QwenMLXError(f"invalid JSON schema: {e}") from None
+        raise QwenMLXError(f"invalid JSON schema: {e}", field) from None
+
+
+def output_grammar(
+    json_schema: dict[str, Any] | None, response_format: dict[str, Any] | None, grammar: str | None
+) -> str | None:
+    """The one grammar that `json_schema`, an OpenAI `response_format` or an explicit `grammar` asks for.
+
+    `response_format` is OpenAI's `{"type": "text" | "json_object" | "json_schema", ...}`; a `json_object` with a
+    `schema` (llama.cpp's form) is held to that schema.
+    """
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise QwenMLXError("response_format must be an object like {'type': 'json_object'}", "response_format")
+        kind = response_format.get("type")
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise QwenMLXError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': "
+                                   "{...}}}", "response_format")
+            json_schema = spec.get("schema", {})
+        elif kind == "json_object":
+            json_schema = response_format.get("schema", {"type": "object"})
+            if not isinstance(json_schema, dict):
+                raise QwenMLXError("response_format json_object's schema must be an object", "response_format")
+        elif kind != "text":
+            raise QwenMLXError(f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
+                               "'json_schema'", "response_format")
+        field = "response_format"
+    else:
+        field = "json_schema"
+    if json_schema is not None and grammar is not None:
+        raise QwenMLXError("give only one of json_schema / response_format and grammar", "grammar")
+    if grammar is not None and not isinstance(grammar, str):
+        raise QwenMLXError("grammar must be an llguidance grammar string", "grammar")
+    return json_schema_grammar(json_schema, field) if json_schema is not None else grammar
 
 
 def tool_call_grammar(
@@ -98,28 +135,48 @@ def check_grammar(tokenizer: Tokenizer, vocab_size: int, grammar: str) -> None:
         grammar, ll_tokenizer(tokenizer, vocab_size)
     )
     if is_error:
-        raise QwenMLXError(f"cannot use this schema or grammar: {messages[0]}")
+        raise QwenMLXError(f"cannot use this schema or grammar: {messages[0]}", "grammar")
 
 
-class TokenConstraint:
-    """The tokens a grammar allows next, tracked as the reply grows; end-of-turn is allowed once it is complete."""
+class GrammarMask:
+    """A logits processor (see `sample`) that masks every token the grammar rules out next; end-of-turn is allowed
+    once the grammar is complete. Its parse follows `tokens` from the first call on (the reply), rolling back the
+    draft ids speculative decoding rejected."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, grammar: str):
         self.vocab_size = vocab_size
         self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size), grammar, log_level=0)
         if self.matcher.is_error():
-            raise QwenMLXError(f"cannot use this schema or grammar: {self.matcher.get_error()}")
+            raise QwenMLXError(f"cannot use this schema or grammar: {self.matcher.get_error()}", "grammar")
         self._bitmask = allocate_token_bitmask(1, vocab_size)
+        self._start: int | None = None  # where the reply starts in `tokens`
+        self._consumed = 0  # reply ids the matcher has taken
+
+    def __call__(self, tokens: Sequence[int], logits: mx.array) -> mx.array:
+        # Start the model on this step, and compute the grammar's mask on the host meanwhile.
+        mx.async_eval(logits)
+        self._follow(tokens)
+        return mx.where(self.mask(), logits, -mx.inf)
+
+    def allowed_draft(self, tokens: Sequence[int], draft: Sequence[int]) -> int:
+        """How many leading ids of `draft` the grammar accepts after `tokens` (nothing is consumed)."""
+        self._follow(tokens)
+        return self.matcher.validate_tokens(list(draft))
+
+    def _follow(self, tokens: Sequence[int]) -> None:
+        if self._start is None:
+            self._start = len(tokens)
+        reply = tokens[self._start :]
+        keep = max(0, min(self._consumed, len(reply) - 1))
+        if keep < self._consumed:
+            self.matcher.rollback(self._consumed - keep)
+        for token in reply[keep:]:
+            if not self.matcher.consume_token(token):
+                raise QwenMLXError(f"the grammar rejected token {token}: {self.matcher.get_error()}", "grammar")
+        self._consumed = len(reply)
 
     def mask(self) -> mx.array:
         """Which tokens may come next, as a boolean (vocab_size,) array."""
         fill_next_token_bitmask(self.matcher, self._bitmask)
         bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.vocab_size]
         return mx.array(bits.astype(np.bool_))
-
-    def consume(self, token: int) -> None:
-        if not self.matcher.consume_token(token):
-            raise QwenMLXError(f"the grammar rejected token {token}: {self.matcher.get_error()}")
-
-    def apply(self, logits: mx.array) -> mx.array:
-        return mx.where(self.mask(), logits, -mx.inf)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from qwen_mlx.config import ModelConfig, read_json
+from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import prepare_for_cpu
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model import Qwen2
 from qwen_mlx.quantize import prepare_quantized
 from qwen_mlx.sample import SamplingParams
 from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.weights import load_weights
 
 DEFAULT_MODEL = "mlx-community/Qwen2.5-7B-Instruct-4bit"
 
@@ -69,71 +68,6 @@ def _snapshot_download(repo_id: str) -> str:
         raise QwenMLXError(f"{repo_id}: download failed ({e}); check the connection, or pass a local folder") from None
 
 
-def check_safetensors(path: Path) -> list[str]:
-    """The tensor names in a safetensors file, after checking that its header and size are whole.
-
-    A truncated download or a corrupt file is named here, not deep inside MLX at the first matmul.
-    """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than a safetensors header")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8:
-                raise ValueError("header runs past the end of the file")
-            header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise QwenMLXError(f"{path}: missing; re-download the model") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QwenMLXError(f"{path}: not a valid safetensors file ({e}); re-download it") from None
-    header.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in header.values()), default=0)
-    if 8 + header_len + end > size:
-        raise QwenMLXError(
-            f"{path}: truncated ({size} bytes, its header needs {8 + header_len + end}); re-download it"
-        )
-    return list(header)
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a folder, from its shard index when it has one."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index).get("weight_map", {})
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise QwenMLXError(f"{folder}: shard {missing[0]} listed in {index.name} is missing; re-download the model")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        if pickled:
-            raise QwenMLXError(
-                f"{folder}: only pickled weights ({pickled[0]}), which qwen-mlx never loads because unpickling can "
-                f"run code; use the model's safetensors version (or save it with safe_serialization=True)"
-            )
-        raise QwenMLXError(f"{folder}: no *.safetensors weights found")
-    return files
-
-
-def load_weights(folder: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
-    """All tensors of a folder (lazily: nothing is read until it is evaluated), and the file each came from."""
-    weights: dict[str, mx.array] = {}
-    origin: dict[str, Path] = {}
-    for path in weight_files(folder):
-        check_safetensors(path)
-        try:
-            tensors = mx.load(str(path))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise QwenMLXError(f"{path}: cannot read ({e}); re-download it") from None
-        weights.update(tensors)
-        origin.update(dict.fromkeys(tensors, path))
-    return weights, origin
-
-
 def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tuple[Qwen2, Path]:
     """The Qwen2 model of a folder or repo id, with its weights checked against config.json."""
     folder = resolve_model_path(path_or_repo)
@@ -142,7 +76,7 @@ def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tupl
     weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     if config.tie_word_embeddings:
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-    model = Qwen2(config)
+    model = Qwen2(config, SamplingParams.from_generation_config(folder))
     if config.quantization:
         prepare_quantized(model, config.quantization, weights)
     expected = dict(tree_flatten(model.parameters()))
@@ -164,7 +98,6 @@ def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tupl
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
-    model.sampling_defaults = SamplingParams.from_generation_config(folder)
     return model, folder
 
 

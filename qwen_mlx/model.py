@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from qwen_mlx.attention import scaled_dot_product_attention
+from qwen_mlx.cache import LayerCache, Mask
 from qwen_mlx.config import ModelConfig
+from qwen_mlx.cpu import in_order
 from qwen_mlx.rope import RoPE
+from qwen_mlx.sample import SamplingParams
 
 
 class Attention(nn.Module):
@@ -28,8 +31,10 @@ class Attention(nn.Module):
         # The dtype keys and values are cached in; None: as computed. On MLX's CPU backend a half-precision
         # quantized model computes in float32 but caches in half precision, as mlx-lm does (qwen_mlx.cpu).
         self.kv_dtype: mx.Dtype | None = None
+        # Queries per pass of a causal attention over many tokens; None: all at once (see `cpu.in_order`).
+        self.prefill_chunk: int | None = None
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -41,37 +46,8 @@ class Attention(nn.Module):
                 k, v = k.astype(self.kv_dtype), v.astype(self.kv_dtype)
             # The cache stores keys already rotated, so positions keep counting up even after eviction.
             k, v = cache.update_and_fetch(k, v)
-        if isinstance(k, tuple):  # a QuantizedKVCache hands back (packed, scales, biases)
-            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
-        else:
-            # Grouped-query attention: the fused kernel broadcasts the n_kv_heads over the n_heads itself.
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, query_chunk=self.prefill_chunk)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-def quantized_attention(
-    q: mx.array,
-    k: tuple[mx.array, ...],
-    v: tuple[mx.array, ...],
-    scale: float,
-    mask: mx.array | None,
-    group_size: int,
-    bits: int,
-) -> mx.array:
-    """Attention over quantized keys and values (mlx-lm's quantized SDPA): the matmuls read the packed groups."""
-    B, n_heads, L, D = q.shape
-    n_kv_heads = k[0].shape[1]
-    groups = n_heads // n_kv_heads
-    # Each KV head serves `groups` query heads: put them side by side instead of repeating the keys.
-    q = (q * scale).reshape(B, n_kv_heads, groups, L, D)
-    k = tuple(mx.expand_dims(a, 2) for a in k)
-    v = tuple(mx.expand_dims(a, 2) for a in v)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
-    if mask is not None:
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    weights = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
-    return out.reshape(B, n_heads, L, -1)
 
 
 class MLP(nn.Module):
@@ -80,14 +56,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        # Tokens per pass over many tokens; None: all at once (see `cpu.in_order`).
+        self.prefill_chunk: int | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.prefill_chunk is not None and x.shape[1] > self.prefill_chunk:
+            return in_order(lambda s, e, wait: self.swiglu_mlp(wait(x[:, s:e])), x.shape[1], self.prefill_chunk, 1)
+        return self.swiglu_mlp(x)
+
+    def swiglu_mlp(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 @partial(mx.compile, shapeless=True)
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    # One fused kernel (as mlx-lm's): silu(gate) never materializes, one intermediate-wide array fewer in memory.
+    # silu(gate) * up in one fused kernel, as mlx-lm computes it.
     return nn.silu(gate) * up
 
 
@@ -99,7 +82,7 @@ class Block(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: Any | None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -113,7 +96,7 @@ class Qwen2Model(nn.Module):
         # The dtype activations are computed in; None: the embedding's. See qwen_mlx.cpu for why it can differ.
         self.compute_dtype: mx.Dtype | None = None
 
-    def __call__(self, ids: mx.array, cache: list[Any] | None = None) -> mx.array:
+    def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         h = self.embed_tokens(ids)
         if self.compute_dtype is not None:
             h = h.astype(self.compute_dtype)
@@ -125,16 +108,21 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2(nn.Module):
-    """The causal LM: `model(ids, cache=None)` → logits of shape (batch, length, vocab)."""
+    """The causal LM: `model(ids, cache=None)` → logits of shape (batch, length, vocab).
 
-    def __init__(self, config: ModelConfig):
+    `sampling_defaults` are the checkpoint's own (its generation_config.json, read by `load`): what generation
+    uses for any sampling parameter a request leaves out.
+    """
+
+    def __init__(self, config: ModelConfig, sampling_defaults: SamplingParams | None = None):
         super().__init__()
         self.config = config
+        self.sampling_defaults = sampling_defaults or SamplingParams()
         self.model = Qwen2Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, ids: mx.array, cache: list[Any] | None = None) -> mx.array:
+    def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         h = self.model(ids, cache)
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
@@ -145,7 +133,7 @@ class Qwen2(nn.Module):
         return self.model.layers
 
 
-def attention_mask(length: int, cache: Any | None) -> mx.array | str | None:
+def attention_mask(length: int, cache: LayerCache | None) -> Mask:
     """The mask for `length` new positions: none for one token, the fused causal mask, or the cache's own."""
     if cache is not None:
         return cache.make_mask(length)

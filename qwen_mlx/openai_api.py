@@ -1,7 +1,10 @@
-"""The OpenAI wire format: requests checked and turned into `stream_generate` arguments, replies shaped back.
+"""The OpenAI wire format: requests checked and turned into `GenerationRequest`s, replies shaped back.
 
 Every parameter is either honoured or refused: one we do not support (e.g. `n` > 1) is a 400 error that names
-it, never silently ignored. Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+it, never silently ignored. The values themselves are checked by the library (`request.prepare_request`), whose
+errors name the argument; here they become OpenAI's `param`. Errors take OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`. A field sent as null means the field was left out, as for
+OpenAI.
 """
 
 from __future__ import annotations
@@ -12,22 +15,25 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.nn as nn
+
 from qwen_mlx.chat import TOOL_CALL_CLOSE, ToolCall, ToolCallStream
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.generate import MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS, GenerationChunk, GenerationStats
-from qwen_mlx.grammar import check_grammar, json_schema_grammar, tool_call_grammar
-from qwen_mlx.sample import SamplingParams
+from qwen_mlx.generate import GenerationChunk, GenerationStats
+from qwen_mlx.grammar import tool_call_grammar
+from qwen_mlx.request import MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS, GenerationRequest, is_int, prepare_request
 from qwen_mlx.tokenizer import Tokenizer
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "stop", "seed", "n", "user", *SAMPLING_FIELDS}
-CHAT_FIELDS = COMMON_FIELDS | {
-    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
-    "response_format", "presence_penalty", "frequency_penalty", "logit_bias",
-}
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo", "suffix", "best_of", "presence_penalty",
-                                     "frequency_penalty", "logit_bias", "response_format"}
-ROLES = {"system", "developer", "user", "assistant", "tool"}
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "stop", "n", "user", "presence_penalty",
+                 "frequency_penalty", "logit_bias", "response_format", "logprobs", *SAMPLING_FIELDS}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                               "parallel_tool_calls"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_STOP = 4  # OpenAI's limit
+MAX_LEGACY_LOGPROBS = 5  # /v1/completions' limit
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
 
 
 class APIError(Exception):
@@ -43,22 +49,24 @@ class APIError(Exception):
 
 
 @dataclass
-class Model:
-    """What request checking needs to know about the served model."""
+class ServedModel:
+    """The model behind the endpoints, as request checking sees it."""
 
     id: str
+    model: nn.Module
     tokenizer: Tokenizer
-    vocab_size: int
-    context_size: int
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.context_length
 
 
 @dataclass
-class Request:
-    """A checked request: the prompt's ids, `stream_generate`'s options, and how to shape the reply."""
+class APIRequest:
+    """A checked request: what to generate, and how to shape the reply."""
 
     chat: bool
-    prompt_ids: list[int]
-    options: dict[str, Any]
+    generation: GenerationRequest
     stream: bool = False
     include_usage: bool = False
     parse_tools: bool = False
@@ -66,8 +74,12 @@ class Request:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.generation.prompt_ids
 
-def parse_chat_request(body: Any, model: Model) -> Request:
+
+def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
     body = _check_fields(body, CHAT_FIELDS)
     messages = _messages(body.get("messages"))
     tools = _tools(body.get("tools"))
@@ -75,174 +87,149 @@ def parse_chat_request(body: Any, model: Model) -> Request:
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise APIError(400, "parallel_tool_calls must be true or false", "parallel_tool_calls")
-    options = _common_options(body, model)
-    grammar = _response_format_grammar(body.get("response_format"))
-    named = None
-    if isinstance(choice, dict):
-        named = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
-        if not isinstance(named, str):
-            raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or "
-                                "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
-    elif choice not in ("auto", "none", "required"):
-        raise APIError(400, f"tool_choice {choice!r} must be 'auto', 'none', 'required' or a named function",
-                       "tool_choice")
+    named = _named_tool(choice)
     if choice != "none" and not tools:
         raise APIError(400, "tool_choice needs tools", "tool_choice")
+    options = _options(body)
+    grammar_param = "response_format"
     if choice == "required" or named is not None:
-        if grammar is not None:
+        if "response_format" in options:
             raise APIError(400, "response_format cannot be combined with a required tool_choice", "response_format")
         try:
-            grammar = tool_call_grammar(model.tokenizer, tools, named, parallel)
+            options["grammar"] = tool_call_grammar(served.tokenizer, tools, named, parallel)
         except QwenMLXError as e:
             raise APIError(400, str(e), "tool_choice") from None
+        grammar_param = "tool_choice"
     elif choice == "auto" and not parallel:
         # At most one call: stop where the first one closes (the tool-call parser takes an unclosed last block).
-        options["stop"] = [*options["stop"], TOOL_CALL_CLOSE]
-    if grammar is not None:
-        try:
-            check_grammar(model.tokenizer, model.vocab_size, grammar)
-        except QwenMLXError as e:
-            raise APIError(400, str(e), "response_format") from None
-        options["grammar"] = grammar
+        options["stop"] = [*options.get("stop", []), TOOL_CALL_CLOSE]
     logprobs = body.get("logprobs", False)
     top = body.get("top_logprobs")
     if not isinstance(logprobs, bool):
         raise APIError(400, "logprobs must be true or false", "logprobs")
-    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+    if top is not None and (not is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
         raise APIError(400, f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
     if top is not None and not logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if logprobs:
+        options["logprobs"] = top or 0
     try:
-        ids = model.tokenizer.apply_chat_template(
+        ids = served.tokenizer.apply_chat_template(
             messages, tools=tools if choice != "none" else None, add_generation_prompt=True, tokenize=True
         )
     except Exception as e:  # the model's own Jinja template refusing these messages (e.g. a bad role order)
         raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
-    request = Request(
-        chat=True, prompt_ids=ids, options=options, stream=_stream(body), include_usage=_include_usage(body),
-        parse_tools=choice != "none", logprobs=(top or 0) if logprobs else None,
-    )
-    _check_length(request, body.get("max_completion_tokens", body.get("max_tokens")), model)
-    return request
+    max_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    generation = _prepare(served, ids, options, body.get(max_name), max_name,
+                          {"prompt": "messages", "grammar": grammar_param, "logprobs": "top_logprobs"})
+    return APIRequest(chat=True, generation=generation, stream=_stream(body), include_usage=_include_usage(body),
+                      parse_tools=choice != "none", logprobs=options.get("logprobs"))
 
 
-def parse_completion_request(body: Any, model: Model) -> Request:
+def parse_completion_request(body: Any, served: ServedModel) -> APIRequest:
     body = _check_fields(body, COMPLETION_FIELDS)
     for name, off in (("echo", False), ("suffix", None), ("best_of", 1)):
-        if body.get(name, off) not in (off, None):
+        if body.get(name, off) != off:
             raise APIError(400, f"parameter '{name}' is not supported by this server", name, "unsupported_parameter")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        ids = model.tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        ids = served.tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         ids = list(prompt)
-        bad = [t for t in ids if not 0 <= t < model.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{model.vocab_size - 1})", "prompt")
     else:
         raise APIError(400, "prompt must be a non-empty string or list of token ids (one prompt per request)",
                        "prompt")
-    options = _common_options(body, model)
-    grammar = _response_format_grammar(body.get("response_format"))
-    if grammar is not None:
-        options["grammar"] = grammar
+    options = _options(body)
     logprobs = body.get("logprobs")
-    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 5):
-        raise APIError(400, "logprobs must be an integer from 0 to 5", "logprobs")
-    request = Request(chat=False, prompt_ids=ids, options=options, stream=_stream(body),
-                      include_usage=_include_usage(body), logprobs=logprobs)
-    _check_length(request, body.get("max_tokens"), model)
-    return request
+    if logprobs is not None:
+        if not is_int(logprobs) or not 0 <= logprobs <= MAX_LEGACY_LOGPROBS:
+            raise APIError(400, f"logprobs must be an integer from 0 to {MAX_LEGACY_LOGPROBS}", "logprobs")
+        options["logprobs"] = logprobs
+    generation = _prepare(served, ids, options, body.get("max_tokens"), "max_tokens", {})
+    return APIRequest(chat=False, generation=generation, stream=_stream(body), include_usage=_include_usage(body),
+                      logprobs=logprobs)
+
+
+def _prepare(served: ServedModel, ids: list[int], options: dict[str, Any], max_tokens: Any, max_name: str,
+             params: dict[str, str]) -> GenerationRequest:
+    """The library's checked request; its errors name OpenAI's parameter (`params` maps the library's names)."""
+    options["max_tokens"] = _max_tokens(len(ids), max_tokens, max_name, served.context_length)
+    try:
+        return prepare_request(served.model, served.tokenizer, ids, **options)
+    except QwenMLXError as e:
+        field_name = {"max_tokens": max_name, **params}.get(e.field, e.field)
+        raise APIError(400, str(e), field_name) from None
+
+
+def _max_tokens(n: int, max_tokens: Any, name: str, context: int) -> int:
+    """A prompt that leaves no room to answer is refused before any compute, in OpenAI's words (clients map
+    `context_length_exceeded` to their context-window errors), as is a max_tokens past the context."""
+    if n >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, your messages "
+                            f"resulted in {n} tokens. Please reduce the length of the messages.",
+                       "messages", "context_length_exceeded")
+    if max_tokens is None:
+        return min(MAX_TOKENS_LIMIT, context - n)
+    if not is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise APIError(400, f"{name} must be an integer from 1 to {MAX_TOKENS_LIMIT}", name)
+    if n + max_tokens > context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{n + max_tokens} tokens ({n} in the messages, {max_tokens} in the completion). "
+                            f"Please reduce the length of the messages or completion ({name}).",
+                       name, "context_length_exceeded")
+    return max_tokens
 
 
 def _check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+    """The body's fields, nulls dropped (null means absent, as for OpenAI); unknown ones and values we cannot
+    honour are refused by name."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     for name in body:
         if name not in allowed:
             raise APIError(400, f"parameter '{name}' is not supported by this server", name, "unsupported_parameter")
+    body = {k: v for k, v in body.items() if v is not None}
     # Accepted only at the value that means "off", since that is all we do.
     for name, off in (("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0), ("logit_bias", {})):
-        if body.get(name) not in (None, off):
+        if body.get(name, off) != off:
             hint = "; use repetition_penalty" if name.endswith("_penalty") else ""
             raise APIError(400, f"parameter '{name}' = {body[name]!r} is not supported by this server{hint}",
                            name, "unsupported_parameter")
     return body
 
 
-def _common_options(body: dict[str, Any], model: Model) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for name in SAMPLING_FIELDS:
-        value = body.get(name)
-        if value is not None:
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise APIError(400, f"{name} must be a number", name)
-            if name == "top_k" and not _is_int(value):
-                raise APIError(400, "top_k must be an integer", name)
-            options[name] = value
-    try:
-        SamplingParams().updated(**{k: v for k, v in options.items()})
-    except QwenMLXError as e:
-        raise APIError(400, str(e), next(iter(options), None)) from None
-    if "temperature" in options and options["temperature"] > 2:
-        raise APIError(400, "temperature must be between 0 and 2", "temperature")
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    """`prepare_request`'s keyword arguments from the fields both endpoints share (checked there)."""
+    options = {name: body[name] for name in SAMPLING_FIELDS if name in body}
+    temperature = options.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature > MAX_TEMPERATURE:
+        raise APIError(400, f"temperature must be between 0 and {MAX_TEMPERATURE:g}", "temperature")
     stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4):
-        raise APIError(400, "stop must be a string or a list of up to 4 strings", "stop")
-    options["stop"] = stop or []
-    seed = body.get("seed")
-    if seed is not None:
-        if not _is_int(seed):
-            raise APIError(400, "seed must be an integer", "seed")
-        options["seed"] = seed
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) for s in stops):
+            raise APIError(400, f"stop must be a string or a list of up to {MAX_STOP} strings", "stop")
+        options["stop"] = stops
+    if "response_format" in body:
+        options["response_format"] = body["response_format"]
     return options
 
 
-def _check_length(request: Request, max_tokens: Any, model: Model) -> None:
-    """A prompt that leaves no room to answer is refused before any compute, as is a max_tokens past the context."""
-    n = len(request.prompt_ids)
-    if n >= model.context_size:
-        raise APIError(400, f"the prompt is {n} tokens but the model's context is {model.context_size}; shorten it",
-                       "messages" if request.chat else "prompt", "context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = min(MAX_TOKENS_LIMIT, model.context_size - n)
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise APIError(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}", "max_tokens")
-    if n + max_tokens > model.context_size:
-        raise APIError(400, f"the model's context is {model.context_size} tokens, but {n} in the prompt + "
-                            f"{max_tokens} max_tokens exceed it; lower max_tokens or shorten the prompt",
-                       "max_tokens", "context_length_exceeded")
-    request.options["max_tokens"] = max_tokens
-    if request.logprobs is not None:
-        request.options["logprobs"] = request.logprobs
-
-
-def _response_format_grammar(response_format: Any) -> str | None:
-    if response_format is None:
-        return None
-    if not isinstance(response_format, dict):
-        raise APIError(400, "response_format must be an object", "response_format")
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return json_schema_grammar(None)
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema", {}) if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise APIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
-                           "response_format")
-        try:
-            return json_schema_grammar(schema)
-        except QwenMLXError as e:
-            raise APIError(400, str(e), "response_format") from None
-    raise APIError(400, f"response_format type {kind!r} must be 'text', 'json_object' or 'json_schema'",
-                   "response_format")
+def _named_tool(choice: Any) -> str | None:
+    """The function a tool_choice names, if it names one; anything but OpenAI's forms is refused."""
+    if isinstance(choice, dict):
+        function = choice.get("function") if choice.get("type") == "function" else None
+        named = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(named, str):
+            raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or "
+                                "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+        return named
+    if choice not in ("auto", "none", "required"):
+        raise APIError(400, f"tool_choice {choice!r} must be 'auto', 'none', 'required' or a named function",
+                       "tool_choice")
+    return None
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
@@ -251,11 +238,15 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         raise APIError(400, "messages must be a non-empty list", "messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise APIError(400, f"messages[{i}] needs a role: one of {', '.join(sorted(ROLES))}", "messages")
-        message = {"role": "system" if m["role"] == "developer" else m["role"], "content": _text(m.get("content"), i)}
-        if m.get("tool_calls"):
-            message["tool_calls"] = [_tool_call_in(c, i) for c in m["tool_calls"]]
+        if not isinstance(m, dict) or m.get("role") not in OPENAI_ROLES:
+            raise APIError(400, f"messages[{i}] needs a role: one of {', '.join(sorted(OPENAI_ROLES))}", "messages")
+        message = {"role": OPENAI_ROLES[m["role"]], "content": _text(m.get("content"), i)}
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise APIError(400, f"messages[{i}].tool_calls must be a list", "messages")
+            if calls:
+                message["tool_calls"] = [_tool_call_in(c, i) for c in calls]
         if m.get("name") and m["role"] == "tool":
             message["name"] = m["name"]
         out.append(message)
@@ -287,6 +278,8 @@ def _tool_call_in(call: Any, i: int) -> dict[str, Any]:
             arguments = json.loads(arguments or "{}")
         except json.JSONDecodeError:
             raise APIError(400, f"messages[{i}].tool_calls: arguments must be a JSON string", "messages") from None
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"messages[{i}].tool_calls: arguments must be a JSON object", "messages")
     return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
@@ -297,7 +290,9 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
         raise APIError(400, "tools must be a list", "tools")
     for t in tools:
         function = t.get("function") if isinstance(t, dict) else None
-        if t.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        parameters = function.get("parameters", {}) if isinstance(function, dict) else None
+        if (not isinstance(t, dict) or t.get("type") != "function" or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str) or not isinstance(parameters, dict)):
             raise APIError(400, "each tool must be {'type': 'function', 'function': {'name': ..., 'parameters': "
                                 "{...}}}", "tools")
     return tools
@@ -311,14 +306,14 @@ def _stream(body: dict[str, Any]) -> bool:
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
-    options = body.get("stream_options") or {}
+    if "stream_options" not in body:
+        return False
+    options = body["stream_options"]
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise APIError(400, "stream_options supports only include_usage", "stream_options")
+    if not body.get("stream"):
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
     return bool(options.get("include_usage", False))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def usage(stats: GenerationStats) -> dict[str, Any]:
@@ -330,16 +325,17 @@ def usage(stats: GenerationStats) -> dict[str, Any]:
     }
 
 
-class Reply:
+class ResponseBuilder:
     """Builds the answer to one request from its `GenerationChunk`s: streamed chunk payloads as they come
     (`add`), then the closing payloads or the whole non-streamed response (`finish`)."""
 
-    def __init__(self, request: Request, model: Model):
-        self.request, self.model = request, model
+    def __init__(self, request: APIRequest, served: ServedModel):
+        self.request, self.model = request, served
         self.tools = ToolCallStream() if request.parse_tools else None
         self.content: list[str] = []
         self.calls: list[ToolCall] = []
         self.logprobs: list[dict[str, Any]] = []
+        self.text_offsets: list[int] = []  # where each token's text starts in the reply (/v1/completions)
         self.started = False
 
     def add(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
@@ -395,7 +391,7 @@ class Reply:
             else:
                 payload = self._chunk(text, None)
                 if logprob is not None:
-                    payload["choices"][0]["logprobs"] = self._legacy_logprobs([logprob])
+                    payload["choices"][0]["logprobs"] = self._legacy_logprobs([logprob], [self._next_offset()])
             payloads.append(payload)
         for call in calls:
             index = len(self.calls)
@@ -403,8 +399,12 @@ class Reply:
             payloads.append(self._chunk({"tool_calls": [{"index": index, **call.to_openai(self._call_id(index))}]},
                                         None))
         if logprob is not None:
+            self.text_offsets.append(self._next_offset())
             self.logprobs.append(logprob)
         return payloads
+
+    def _next_offset(self) -> int:
+        return self.text_offsets[-1] + len(self.logprobs[-1]["token"]) if self.logprobs else 0
 
     def _chunk(self, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
         if self.request.chat:
@@ -426,16 +426,15 @@ class Reply:
         return {**entry(chunk.token, chunk.logprob),
                 "top_logprobs": [entry(t, lp) for t, lp in chunk.top_logprobs or []]}
 
-    def _legacy_logprobs(self, entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """/v1/completions' older shape: parallel lists, and the alternatives as {token: logprob}."""
+    def _legacy_logprobs(self, entries: list[dict[str, Any]] | None = None,
+                         offsets: list[int] | None = None) -> dict[str, Any]:
+        """/v1/completions' older shape: parallel lists, the alternatives as {token: logprob} with the sampled
+        token always among them (so `logprobs: 0` still lists it), and each token's offset in the text."""
         entries = self.logprobs if entries is None else entries
-        offsets, pos = [], 0
-        for e in entries:
-            offsets.append(pos)
-            pos += len(e["token"])
         return {
             "tokens": [e["token"] for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": offsets,
+            "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]}, e["token"]: e["logprob"]}
+                             for e in entries],
+            "text_offset": self.text_offsets if offsets is None else offsets,
         }

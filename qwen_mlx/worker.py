@@ -2,9 +2,13 @@
 
 MLX streams are thread-local (mlx >= 0.31.2), and web servers run handlers on whichever thread is free, so the
 model, its caches and every array they touch stay on the worker's thread and its own stream. A request (`Job`)
-carries the prompt, a cancel flag and a queue that the worker fills with `GenerationChunk`s, the last of which
-has a `finish_reason` (or with the exception that ended it). One generation runs at a time; with `max_queue`,
-at most that many wait, and `submit` raises `WorkerBusy` beyond it.
+carries a checked `GenerationRequest`, a cancel flag and a queue that the worker fills with `GenerationChunk`s,
+the last of which has a `finish_reason` (or with the exception that ended it).
+
+Up to `max_batch` jobs decode together, one forward pass per step for all of them (`decode.Decoder`); a new job's
+prompt is prefilled a chunk at a time between the others' steps. With `max_queue`, at most that many jobs wait
+for a free row, and `submit` raises `WorkerBusy` beyond it. Nothing a job does, and nothing a client does with
+its chunks, ends the thread.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,14 +26,18 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen_mlx.cache import PromptCache, longest_common_prefix
+from qwen_mlx.cache import CacheSettings, PromptCache, longest_common_prefix
+from qwen_mlx.decode import Decoder
+from qwen_mlx.decode import Sequence as TokenSequence
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.generate import GenerationChunk, Prompt, stream_generate
+from qwen_mlx.generate import GenerationChunk, ReplyText, text_chunks
+from qwen_mlx.request import GenerationRequest, Prompt, prepare_request
 from qwen_mlx.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 ANONYMOUS = "\0anonymous:"  # session names of caches picked by prompt prefix; no user session starts with NUL
+CLOSE_TIMEOUT_S = 10.0  # `close` returns after this long even if the thread is stuck inside MLX
 
 Loader = Callable[[], tuple[nn.Module, Tokenizer]]
 
@@ -38,13 +46,12 @@ class WorkerBusy(QwenMLXError):
     """The queue of waiting requests is full."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One generation request; `stream_generate`'s keyword arguments go in `options`."""
+    """One generation request, as the worker runs it."""
 
-    session: str
-    prompt: Prompt
-    options: dict[str, Any] = field(default_factory=dict)
+    session: str | None
+    request: GenerationRequest | None  # None: it failed before it was queued (its error is the first item)
     cancelled: threading.Event = field(default_factory=threading.Event)
     chunks: queue.SimpleQueue[GenerationChunk | BaseException] = field(default_factory=queue.SimpleQueue)
     done: threading.Event = field(default_factory=threading.Event)  # set once the last item is queued
@@ -52,8 +59,13 @@ class Job:
 
     def put(self, item: GenerationChunk | BaseException) -> None:
         self.chunks.put(item)
-        if self.notify is not None:
+        if self.notify is None:
+            return
+        try:
             self.notify()
+        except Exception:  # e.g. the client's event loop is already closed: that client is gone, not the worker
+            log.debug("could not notify a client; cancelling its job", exc_info=True)
+            self.cancel()
 
     def cancel(self) -> None:
         """Stop the generation: the worker finishes it within one token, with finish_reason "cancelled"."""
@@ -70,43 +82,103 @@ class Job:
         return item
 
 
-class ModelWorker:
-    """Owns a model on a dedicated thread: loads it there, then serves `Job`s one at a time from a queue.
+class SessionCaches:
+    """The PromptCaches of the last `max_sessions` sessions (conversations, clients), least recently used out.
 
-    Each session (a conversation, a client) keeps its own PromptCache, so its next turn prefills only what is
-    new; the `max_sessions` most recently used caches are kept. A job without a session whose prompt is token ids
-    (an API request that resends the whole conversation) gets the cache sharing the longest prefix with it.
+    A job without a session whose prompt resends a conversation (an API client) gets the anonymous cache that
+    shares the longest prefix with it. A cache in use by a running job is never handed out twice or evicted.
+    """
+
+    def __init__(self, max_sessions: int):
+        self.max_sessions = max_sessions
+        self.caches: OrderedDict[str, PromptCache] = OrderedDict()
+        self.in_use: set[str] = set()
+        self._anonymous = 0
+
+    def checkout(self, session: str | None, prompt_ids: list[int], new: Callable[[], PromptCache]) -> str:
+        """The session whose cache `prompt_ids` will run in, reserved until `checkin`."""
+        if session is None:
+            session = self._closest_anonymous(prompt_ids)
+        if session not in self.caches:
+            self.caches[session] = new()
+        self.caches.move_to_end(session)
+        self.in_use.add(session)
+        self._evict()
+        return session
+
+    def checkin(self, session: str, keep: bool = True) -> None:
+        self.in_use.discard(session)
+        if not keep:  # it may hold a half-written step: rebuild it next time
+            self.caches.pop(session, None)
+        self._evict()
+
+    def forget(self, session: str) -> None:
+        if session not in self.in_use:
+            self.caches.pop(session, None)
+
+    def _evict(self) -> None:
+        for name in [n for n in self.caches if n not in self.in_use][: max(0, len(self.caches) - self.max_sessions)]:
+            del self.caches[name]
+
+    def _closest_anonymous(self, ids: list[int]) -> str:
+        """The anonymous cache sharing the longest prefix with `ids`, if that prefix is most of the cache (the
+        next turn of its conversation: only the last reply may re-tokenize differently) or no room is left for a
+        new one. Two clients with the same system prompt then keep a cache each instead of trimming each other's."""
+        shared = [
+            (longest_common_prefix(c.tokens, ids), len(c.tokens), k)
+            for k, c in self.caches.items() if k.startswith(ANONYMOUS) and k not in self.in_use
+        ]
+        best = max(shared, default=None)
+        if best is not None and best[0] > 0 and (2 * best[0] >= best[1] or len(self.caches) >= self.max_sessions):
+            return best[2]
+        self._anonymous += 1
+        return f"{ANONYMOUS}{self._anonymous}"
+
+
+@dataclass(eq=False)
+class Running:
+    """A job in the decoder: its sequence, its text, and the session cache it holds."""
+
+    job: Job
+    session: str
+    sequence: TokenSequence
+    reply: ReplyText
+
+
+class ModelWorker:
+    """Owns a model on a dedicated thread: loads it there, then decodes up to `max_batch` jobs at a time.
+
+    Each session (a conversation, a client) keeps its own PromptCache, so its next turn prefills only what is new;
+    the `max_sessions` most recently used caches are kept (see `SessionCaches`).
     """
 
     def __init__(
         self,
         load: Loader,
         *,
-        max_kv_size: int | None = None,
-        kv_bits: int | None = None,
+        cache: CacheSettings | None = None,
+        max_batch: int = 1,
         max_sessions: int = 4,
         max_queue: int | None = None,
         on_status: Callable[[str], None] | None = None,
     ):
-        self.max_kv_size = max_kv_size
-        self.kv_bits = kv_bits
-        self.max_sessions = max_sessions
+        self.cache_settings = cache or CacheSettings()
+        self.max_batch = max_batch
         self.max_queue = max_queue
-        self.waiting = 0  # submitted jobs not yet started
+        self.waiting = 0  # submitted jobs not yet decoding
         self.generated_tokens = 0  # over all jobs, for monitoring
-        self._waiting_lock = threading.Lock()
         self.model: nn.Module | None = None
         self.tokenizer: Tokenizer | None = None
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
         self._load = load
         self._on_status = on_status or (lambda message: None)
+        self._lock = threading.Lock()
         # Jobs, and errands to run on this thread in turn.
-        self._jobs: queue.SimpleQueue[Job | Callable[[], Any]] = queue.SimpleQueue()
-        self._caches: OrderedDict[str, PromptCache] = OrderedDict()
-        self._current: Job | None = None
-        self._anonymous = 0
-        self._session_of: dict[int, str] = {}
+        self._inbox: queue.SimpleQueue[Job | Callable[[], Any]] = queue.SimpleQueue()
+        self._queued: deque[Job] = deque()  # jobs waiting for a row
+        self._running: dict[TokenSequence, Running] = {}
+        self._sessions = SessionCaches(max_sessions)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
         self._thread.start()
@@ -115,39 +187,65 @@ class ModelWorker:
         """Block until the model is loaded (or failed to load); False if `timeout` ran out first."""
         return self.loaded.wait(timeout)
 
-    def submit(
-        self, session: str | None, prompt: Prompt, *, notify: Callable[[], None] | None = None, **options: Any
-    ) -> Job:
-        """Queue a generation of a reply to `prompt` in `session`; read its chunks with `job.get()`, or when
-        `notify` says one is there (an event loop's way of waiting)."""
-        with self._waiting_lock:
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    @property
+    def active(self) -> int:
+        """Jobs decoding (or prefilling) now."""
+        return len(self._running)
+
+    def submit(self, session: str | None, prompt: Prompt, *, notify: Callable[[], None] | None = None,
+               **options: Any) -> Job:
+        """Queue a reply to `prompt` in `session` (`stream_generate`'s options); read its chunks with `job.get()`,
+        or when `notify` says one is there (an event loop's way of waiting). A bad request's error is the job's
+        first item."""
+        self.wait_loaded()
+        try:
+            if self.load_error is not None:
+                raise self.load_error
+            request = prepare_request(self.model, self.tokenizer, prompt, **options)
+        except QwenMLXError as e:
+            job = Job(session, None, notify=notify)
+            job.put(e)
+            job.done.set()
+            return job
+        return self.submit_request(session, request, notify=notify)
+
+    def submit_request(self, session: str | None, request: GenerationRequest, *,
+                       notify: Callable[[], None] | None = None) -> Job:
+        """Queue a request already checked (`prepare_request`); raises `WorkerBusy` when the queue is full."""
+        with self._lock:
             if self.max_queue is not None and self.waiting >= self.max_queue:
                 raise WorkerBusy(f"the server is busy: {self.waiting} requests are already waiting; retry shortly")
             self.waiting += 1
-        job = Job(session, prompt, options, notify=notify)
-        self._jobs.put(job)
+        job = Job(session, request, notify=notify)
+        self._inbox.put(job)
         return job
-
-    @property
-    def busy(self) -> bool:
-        return self._current is not None
 
     def forget(self, session: str) -> None:
         """Drop a session's cache (its conversation was deleted), in turn on the worker's thread."""
-        self._jobs.put(lambda: self._caches.pop(session, None))
+        self._inbox.put(lambda: self._sessions.forget(session))
 
-    def close(self) -> None:
-        """Cancel the running and waiting jobs (new ones are cancelled too) and wait until the thread is idle.
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Cancel the running and waiting jobs (new ones are cancelled too) and wait until the thread is idle, for
+        at most `timeout` seconds; False if it did not get there in time.
 
         Call it before the interpreter exits: a thread inside MLX then aborts the process. The thread itself stays
         parked rather than ending, since MLX's thread-local cleanup at thread exit also needs the interpreter.
         """
         self._closing.set()
-        if self._current is not None:
-            self._current.cancel()
+        for running in list(self._running.values()):
+            running.job.cancel()
         idle = threading.Event()
-        self._jobs.put(idle.set)
-        idle.wait()
+        self._inbox.put(idle.set)
+        if not idle.wait(timeout):
+            log.warning("the model thread did not become idle within %.0f s", timeout)
+            return False
+        return True
+
+    # --- on the worker's thread ---
 
     def _run(self) -> None:
         with mx.stream(mx.new_stream(mx.default_device())):
@@ -160,71 +258,102 @@ class ModelWorker:
                 log.error("the model failed to load", exc_info=not isinstance(e, QwenMLXError))
                 self._on_status(f"failed: {self.load_error}")
             self.loaded.set()
+            decoder = Decoder(self.model, self.tokenizer) if self.model is not None else None
             while True:
-                job = self._jobs.get()
-                if isinstance(job, Job):
-                    self._serve(job)
-                else:
-                    job()
+                try:
+                    self._take_inbox(block=not self._running)
+                    self._admit(decoder)
+                    if self._running:
+                        self._step(decoder)
+                except Exception:  # a bug here must not end the thread: fail what is running, go on
+                    log.exception("the model thread hit an error; failing the running jobs")
+                    self._fail_all(decoder, QwenMLXError("internal error while generating; see the server log"))
 
-    def _serve(self, job: Job) -> None:
-        self._current = job
-        with self._waiting_lock:
-            self.waiting -= 1
+    def _take_inbox(self, block: bool) -> None:
+        """Move submitted jobs to the queue and run errands; wait for one when there is nothing else to do."""
         try:
+            item = self._inbox.get(block=block)
+            while True:
+                if isinstance(item, Job):
+                    self._queued.append(item)
+                else:
+                    item()
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self, decoder: Decoder | None) -> None:
+        """Start queued jobs while rows are free; a job whose conversation is still generating (a double send)
+        waits for it, in order, without holding up the others."""
+        deferred: list[Job] = []
+        while self._queued and len(self._running) < self.max_batch:
+            job = self._queued.popleft()
+            if job.session is not None and job.session in self._sessions.in_use:
+                deferred.append(job)
+                continue
+            with self._lock:
+                self.waiting -= 1
             if self.load_error is not None:
-                job.put(self.load_error)
+                self._end(job, self.load_error)
             elif job.cancelled.is_set() or self._closing.is_set():  # cancelled while waiting in the queue
-                job.put(GenerationChunk("", None, "cancelled"))
+                self._end(job, GenerationChunk("", None, "cancelled"))
             else:
-                for chunk in stream_generate(
-                    self.model, self.tokenizer, job.prompt,
-                    prompt_cache=self._cache(job), cancel=job.cancelled, **job.options,
-                ):
-                    if chunk.token is not None:
-                        self.generated_tokens += 1
-                    job.put(chunk)
-        except QwenMLXError as e:
-            job.put(e)
-        except Exception as e:  # a bug in one request must not stop the worker
-            log.exception("generation failed")
-            # The cache may hold a half-written step: rebuild it next time.
-            self._caches.pop(self._session_of.pop(id(job), job.session), None)
-            job.put(e)
-        finally:
-            # A cancelled generation leaves its next step computing: wait for it, so that nothing runs on
-            # this thread's stream between jobs or when the process exits (MLX then aborts).
+                self._start(decoder, job)
+        self._queued.extendleft(reversed(deferred))
+
+    def _start(self, decoder: Decoder, job: Job) -> None:
+        request = job.request
+        if not self._running:
+            mx.reset_peak_memory()  # a reply's peak memory counts from when the model last went busy
+        session = self._sessions.checkout(job.session, request.prompt_ids,
+                                          lambda: PromptCache.new(self.model, self.cache_settings))
+        try:
+            sequence = decoder.add(request, self._sessions.caches[session], job.cancelled)
+        except Exception as e:
+            self._sessions.checkin(session, keep=False)
+            self._end(job, e if isinstance(e, QwenMLXError) else QwenMLXError(f"generation failed: {e}"))
+            return
+        reply = ReplyText(self.tokenizer, sequence, self.model.config.context_length)
+        self._running[sequence] = Running(job, session, sequence, reply)
+
+    def _step(self, decoder: Decoder) -> None:
+        replies = {s: r.reply for s, r in self._running.items()}
+        for reply, chunk in text_chunks(decoder, replies):
+            running = self._running[reply.sequence]
+            if chunk.finish_reason == "error":
+                error = reply.sequence.error
+                log.log(logging.INFO if isinstance(error, QwenMLXError) else logging.ERROR, "a generation failed",
+                        exc_info=(type(error), error, error.__traceback__) if not isinstance(error, QwenMLXError)
+                        else None)
+                self._stop(running, error=error)
+                continue
+            if chunk.token is not None:
+                self.generated_tokens += 1
+            running.job.put(chunk)
+            if chunk.finish_reason is not None:
+                self._stop(running)
+
+    def _stop(self, running: Running, error: BaseException | None = None) -> None:
+        del self._running[running.sequence]
+        self._sessions.checkin(running.session, keep=error is None)
+        if not self._running:
+            # A cancelled generation leaves its next step computing: wait for it, so that nothing runs on this
+            # thread's stream while it is idle or when the process exits (MLX then aborts).
             mx.synchronize()
-            self._session_of.pop(id(job), None)
-            self._current = None
-            job.done.set()
+        if error is not None:
+            self._end(running.job, error)
+        else:
+            running.job.done.set()
 
-    def _cache(self, job: Job) -> PromptCache:
-        session = job.session
-        if session is None:
-            session = self._closest_session(job.prompt)
-            self._session_of[id(job)] = session
-        if session not in self._caches:
-            self._caches[session] = PromptCache.new(self.model, self.max_kv_size, kv_bits=self.kv_bits)
-            while len(self._caches) > self.max_sessions:
-                self._caches.popitem(last=False)
-        self._caches.move_to_end(session)
-        return self._caches[session]
+    def _fail_all(self, decoder: Decoder | None, error: QwenMLXError) -> None:
+        if decoder is not None:
+            decoder.clear()
+        for running in list(self._running.values()):
+            self._stop(running, error=error)
 
-    def _closest_session(self, prompt: Prompt) -> str:
-        """The anonymous cache sharing the longest prefix with `prompt`, if that prefix is most of the cache (the
-        next turn of its conversation: only the last reply may re-tokenize differently) or no room is left for a
-        new one. Two clients with the same system prompt then keep a cache each instead of trimming each other's."""
-        ids = list(prompt) if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt) else []
-        shared = [
-            (longest_common_prefix(c.tokens, ids), len(c.tokens), k)
-            for k, c in self._caches.items() if k.startswith(ANONYMOUS)
-        ]
-        best = max(shared, default=None)
-        if best is not None and best[0] > 0 and (2 * best[0] >= best[1] or len(self._caches) >= self.max_sessions):
-            return best[2]
-        self._anonymous += 1
-        return f"{ANONYMOUS}{self._anonymous}"
+    def _end(self, job: Job, item: GenerationChunk | BaseException) -> None:
+        job.put(item)
+        job.done.set()
 
 
 class SlowedModel:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_mlx.qwen_tokenizer_files import QWEN25_REFERENCE_DIR
+from qwen_mlx.random_model import tiny_config
 
 # Qwen2.5-7B-Instruct's official configs: the shared reference beside the repository when there is one (CI, the
 # team's machines), else the copy the package ships (checked equal to it in test_tokenizer.py).
@@ -61,19 +62,9 @@ def save_tiny_qwen2(folder: Path, *, seed: int = 0, dtype: str = "float32", toke
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    settings: dict[str, Any] = dict(
-        vocab_size=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    )
-    settings.update(overrides)
+    shape = tiny_config(**{"vocab_size": TINY_VOCAB, "max_position_embeddings": 2048, "rope_theta": 10000.0,
+                           **overrides})
+    settings = {k: v for k, v in shape.items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**settings)).eval()
     # Random init is tiny (std 0.02): widen it so the logits differ enough for greedy decoding to be a real test.

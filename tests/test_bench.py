@@ -19,18 +19,17 @@ import pytest
 
 import qwen_mlx
 from qwen_mlx import cli
-from qwen_mlx.bench import SHAPES, random_prompt, random_shape, run_trial, write_random_quantized_model
+from qwen_mlx.bench import random_prompt, run_trial
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.qwen_tokenizer_files import QWEN25_REFERENCE_DIR
+from qwen_mlx.random_model import SHAPES, random_shape, tiny_config, write_random_quantized_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
-        "max_position_embeddings": 256, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}
+TINY = tiny_config(vocab_size=151936, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("shape") / "tiny.json"
     path.write_text(json.dumps(TINY))
     return path
@@ -88,8 +87,8 @@ def test_trial_counts_the_tokens_and_its_figures_agree(tiny_folder: Path) -> Non
     assert tokenizer.eos_token_ids  # restored after the trial
 
 
-def test_bench_cli_reports_trials_and_averages_as_mlx_lm_benchmark(tiny_config: Path) -> None:
-    result = run("-m", "qwen_mlx.cli", "bench", "--random", str(tiny_config), "--q-group-size", "32",
+def test_bench_cli_reports_trials_and_averages_as_mlx_lm_benchmark(tiny_config_file: Path) -> None:
+    result = run("-m", "qwen_mlx.cli", "bench", "--random", str(tiny_config_file), "--q-group-size", "32",
                  "-p", "24", "-g", "6", "-n", "2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -110,15 +109,15 @@ def test_bench_cli_reports_trials_and_averages_as_mlx_lm_benchmark(tiny_config: 
     [
         (["-p", "0"], "--prompt-tokens/-p must be at least 1"),
         (["-g", "0"], "--generation-tokens/-g must be at least 1"),
-        (["--max-kv-size", "3"], "--max-kv-size must be larger than 4"),
+        (["--max-kv-size", "3"], "(--max-kv-size) 3 must be larger than 4"),
         (["--q-bits", "5"], "5 bits (--q-bits) is not supported"),
         (["-p", "250", "-g", "10"], "do not fit the model's context (256)"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(
-    tiny_config: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+    tiny_config_file: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert cli.main(["bench", "--random", str(tiny_config), "--q-group-size", "32", *args]) == 2
+    assert cli.main(["bench", "--random", str(tiny_config_file), "--q-group-size", "32", *args]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("qwen-mlx: error: ") and message in last
 
@@ -128,9 +127,9 @@ def test_unknown_random_shape_names_the_known_ones() -> None:
         random_shape("qwen2.5-14b")
 
 
-def test_vs_mlx_lm_writes_its_table_and_json(tiny_config: Path, tmp_path: Path) -> None:
+def test_vs_mlx_lm_writes_its_table_and_json(tiny_config_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "results" / "vs.json"
-    result = run("benchmarks/vs_mlx_lm.py", "--shape", str(tiny_config), "--q-group-size", "32", "--dtype", "float32",
+    result = run("benchmarks/vs_mlx_lm.py", "--shape", str(tiny_config_file), "--q-group-size", "32", "--dtype", "float32",
                  "--prompt-lengths", "8", "16", "--decode-tokens", "3", "--turns", "2", "--repeats", "2",
                  "--json", str(out))
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,17 @@ from mlx_lm.models.cache import RotatingKVCache as MlxLmRotatingKVCache
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError, cli
-from qwen_mlx.cache import KVCache, PromptCache, RotatingKVCache, load_prompt_cache, make_cache, save_prompt_cache
+from qwen_mlx.cache import (
+    CacheSettings,
+    KVCache,
+    PromptCache,
+    RotatingKVCache,
+    load_prompt_cache,
+    make_cache,
+    save_prompt_cache,
+)
+from qwen_mlx.commands import chat as chat_command
+from qwen_mlx.commands import generate as generate_command
 from qwen_mlx.generate import GenerationResult, GenerationStats
 from qwen_mlx.model import Qwen2
 
@@ -89,7 +99,7 @@ def test_rotating_cache_within_its_window_gives_the_plain_cache_logits(ours: Loa
     model, _ = ours
     window = 64
     plain = logits_of_every_step(model, make_cache(model), PROMPT, step=8, decode=40)
-    rotating = logits_of_every_step(model, make_cache(model, window, KEEP), PROMPT, step=8, decode=40)
+    rotating = logits_of_every_step(model, make_cache(model, CacheSettings(window, KEEP)), PROMPT, step=8, decode=40)
     assert len(PROMPT) + 40 < window
     for a, b in zip(plain, rotating, strict=True):
         assert mx.array_equal(a, b)
@@ -125,7 +135,7 @@ def test_rotating_cache_second_turn_after_generation_gives_mlx_lm_greedy_tokens(
 ) -> None:
     model, _ = ours
     step = 8
-    prompt_cache = PromptCache.new(model, W, KEEP)
+    prompt_cache = PromptCache.new(model, CacheSettings(W, KEEP))
     first = greedy(ours, PROMPT[:10], 60, prompt_cache=prompt_cache, prefill_step_size=step)
     second = greedy(ours, PROMPT[:10] + first.tokens + new_message, 80, prompt_cache=prompt_cache,
                     prefill_step_size=step)
@@ -144,7 +154,7 @@ def test_rotating_cache_memory_stays_flat_however_long_it_generates(ours: Loaded
 
     def peak_and_cache_bytes(n_tokens: int, max_kv_size: int | None) -> tuple[int, int, int]:
         """Peak memory while generating, the part of it the generation added, and the cache's final size."""
-        prompt_cache = PromptCache.new(model, max_kv_size, KEEP)
+        prompt_cache = PromptCache.new(model, CacheSettings(max_kv_size, KEEP))
         before = mx.get_active_memory()
         mx.reset_peak_memory()
         greedy(ours, PROMPT[:10], n_tokens, prompt_cache=prompt_cache)
@@ -213,7 +223,7 @@ def test_kv_cache_trim_rewinds_and_the_next_positions_overwrite() -> None:
 @pytest.mark.parametrize("max_kv_size", [None, 256], ids=["plain", "rotating-within-window"])
 def test_second_turn_prefills_only_the_new_tokens_and_equals_a_fresh_run(ours: Loaded, max_kv_size: int | None) -> None:
     model, _ = ours
-    prompt_cache = PromptCache.new(model, max_kv_size)
+    prompt_cache = PromptCache.new(model, CacheSettings(max_kv_size))
     first = greedy(ours, PROMPT, 12, prompt_cache=prompt_cache)
     assert first.stats.prefilled_tokens == len(PROMPT)
     conversation = PROMPT + first.tokens + NEW_MESSAGE
@@ -240,7 +250,7 @@ def test_diverging_prompt_trims_the_cache_and_equals_a_fresh_run(ours: Loaded, c
                                                                   max_kv_size: int | None) -> None:
     model, _ = ours
     make_prompt, prefilled = DIVERGING_PROMPTS[case]
-    prompt_cache = PromptCache.new(model, max_kv_size)
+    prompt_cache = PromptCache.new(model, CacheSettings(max_kv_size))
     first = greedy(ours, PROMPT, 12, prompt_cache=prompt_cache)
     prompt = make_prompt(first.tokens)
     again = greedy(ours, prompt, 12, prompt_cache=prompt_cache)
@@ -250,7 +260,7 @@ def test_diverging_prompt_trims_the_cache_and_equals_a_fresh_run(ours: Loaded, c
 
 def test_rotating_cache_past_its_window_is_rebuilt_for_a_diverging_prompt(ours: Loaded) -> None:
     model, _ = ours
-    prompt_cache = PromptCache.new(model, W, KEEP)
+    prompt_cache = PromptCache.new(model, CacheSettings(W, KEEP))
     first = greedy(ours, PROMPT, 40, prompt_cache=prompt_cache)
     prompt = PROMPT + first.tokens[:30] + NEW_MESSAGE  # evicted positions cannot be trimmed back to
     again = greedy(ours, prompt, 20, prompt_cache=prompt_cache)
@@ -262,7 +272,7 @@ def test_rotating_cache_past_its_window_is_rebuilt_for_a_diverging_prompt(ours: 
 def test_saved_and_loaded_prompt_cache_continues_like_the_one_in_memory(ours: Loaded, tmp_path: Path,
                                                                          max_kv_size: int | None) -> None:
     model, _ = ours
-    prompt_cache = PromptCache.new(model, max_kv_size, KEEP)
+    prompt_cache = PromptCache.new(model, CacheSettings(max_kv_size, KEEP))
     first = greedy(ours, PROMPT, 40, prompt_cache=prompt_cache)
     path = tmp_path / "conversation.safetensors"
     save_prompt_cache(path, prompt_cache, {"note": "first turn"})
@@ -307,7 +317,8 @@ def test_loading_a_file_that_is_not_a_prompt_cache_is_a_user_error(folder: Path,
 def printed_stats(monkeypatch: pytest.MonkeyPatch) -> list[GenerationStats]:
     """The statistics the CLI prints after each reply, as objects."""
     stats: list[GenerationStats] = []
-    monkeypatch.setattr(cli, "print_stats", lambda s, file=None: stats.append(s))
+    for command in (generate_command, chat_command):
+        monkeypatch.setattr(command, "print_stats", lambda s, file=None: stats.append(s))
     return stats
 
 
@@ -362,7 +373,7 @@ def test_quantized_cache_gives_mlx_lm_quantized_cache_greedy_tokens(ours: Loaded
 
 def test_quantized_cache_stays_close_to_the_float_cache_in_less_memory(ours: Loaded) -> None:
     model, _ = ours
-    plain, quantized = make_cache(model), make_cache(model, kv_bits=8, kv_group_size=32)
+    plain, quantized = make_cache(model), make_cache(model, CacheSettings(kv_bits=8, kv_group_size=32))
     exact = logits_of_every_step(model, plain, PROMPT, step=8, decode=20)
     approx = logits_of_every_step(model, quantized, PROMPT, step=8, decode=20)
     # Measured: max |Δlogit| 0.004-0.006 at 8 bits on this model, whose logits span about ±3.
@@ -374,7 +385,7 @@ def test_quantized_cache_stays_close_to_the_float_cache_in_less_memory(ours: Loa
 
 def test_quantized_cache_reuses_prefixes_and_survives_save_and_load(ours: Loaded, tmp_path: Path) -> None:
     model, _ = ours
-    prompt_cache = PromptCache.new(model, kv_bits=8, kv_group_size=32)
+    prompt_cache = PromptCache.new(model, CacheSettings(kv_bits=8, kv_group_size=32))
     first = greedy(ours, PROMPT, 10, prompt_cache=prompt_cache)
     save_prompt_cache(tmp_path / "q.safetensors", prompt_cache)
     loaded, _ = load_prompt_cache(tmp_path / "q.safetensors")

@@ -26,9 +26,9 @@ from hf_models import TINY_VOCAB, save_tiny_qwen2
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.utils import compute_bits_per_weight
 
-import qwen_mlx.converter.convert as conversion
+import qwen_mlx.weights as weight_files
 from qwen_mlx import cli
-from qwen_mlx.converter.convert import convert, parse_q_keep
+from qwen_mlx.conversion import convert, parse_q_keep
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.load import load_model
 
@@ -321,7 +321,7 @@ def test_large_models_are_written_in_shards_with_an_index(
 
 def failing_writer(exception: BaseException) -> Callable[[Path, dict[str, mx.array]], None]:
     """write_shard that writes the first shard, then fails on the second."""
-    write_shard = conversion.write_shard
+    write_shard = weight_files.write_shard
     written: list[Path] = []
 
     def write(path: Path, shard: dict[str, mx.array]) -> None:
@@ -343,7 +343,7 @@ def test_a_failure_while_writing_leaves_no_target_and_the_source_unchanged(
 ) -> None:
     """A full disk is the user's to fix (a one-line error); Ctrl-C stays Ctrl-C. Neither leaves a trace."""
     before = digest(sources["tied"])
-    monkeypatch.setattr(conversion, "write_shard", failing_writer(exception))
+    monkeypatch.setattr(weight_files, "write_shard", failing_writer(exception))
     with pytest.raises(raised, match="No space left" if raised is QwenMLXError else None):
         convert(sources["tied"], tmp_path / "out", quantize=True, max_shard_bytes=20_000)
     assert list(tmp_path.iterdir()) == []
@@ -356,7 +356,7 @@ def test_a_failed_forced_conversion_keeps_the_old_target(
     target = tmp_path / "out"
     convert(sources["tied"], target)
     old = digest(target)
-    monkeypatch.setattr(conversion, "write_shard", failing_writer(OSError(28, "No space left on device")))
+    monkeypatch.setattr(weight_files, "write_shard", failing_writer(OSError(28, "No space left on device")))
     with pytest.raises(QwenMLXError):
         convert(sources["tied"], target, quantize=True, force=True, max_shard_bytes=20_000)
     assert digest(target) == old
@@ -366,13 +366,14 @@ def test_a_failed_forced_conversion_keeps_the_old_target(
 KILLED_RUN = """
 import sys, time
 from pathlib import Path
-import qwen_mlx.converter.convert as conversion
-write_shard = conversion.write_shard
+import qwen_mlx.conversion as conversion
+import qwen_mlx.weights as weight_files
+write_shard = weight_files.write_shard
 def write_then_hang(path, shard):
     write_shard(path, shard)
     Path(sys.argv[3]).touch()
     time.sleep(120)
-conversion.write_shard = write_then_hang
+weight_files.write_shard = write_then_hang
 conversion.convert(sys.argv[1], sys.argv[2], quantize=True, max_shard_bytes=20_000)
 """
 

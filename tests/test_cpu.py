@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from qwen_mlx.cache import make_cache
+from qwen_mlx.cache import CacheSettings, make_cache
 from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import SplitQuantizedEmbedding, SplitQuantizedLinear, prepare_for_cpu, split_quantized_matmul
 from qwen_mlx.model import Qwen2
@@ -38,13 +38,13 @@ def test_split_matmul_is_bit_identical_to_the_whole(parts: int, length: int) -> 
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_model_split_across_threads_gives_the_same_logits(tied: bool) -> None:
+def test_model_split_across_streams_gives_the_same_logits(tied: bool) -> None:
     model = quantized_model(tied=tied)
     ids = mx.array([[5, 17, 300, 2, 999, 42]])
-    prepare_for_cpu(model, threads=1)
+    prepare_for_cpu(model, streams=1)
     assert not any(isinstance(m, (SplitQuantizedLinear, SplitQuantizedEmbedding)) for _, m in model.named_modules())
     one = model(ids)
-    prepare_for_cpu(model, threads=2)
+    prepare_for_cpu(model, streams=2)
     mlp = model.layers[0].mlp
     # gate and up side by side, whole; the output projection (1024 rows) in two parts.
     assert (mlp.gate_proj.first_stream, mlp.gate_proj.parts) == (0, 1)
@@ -57,7 +57,7 @@ def test_model_split_across_threads_gives_the_same_logits(tied: bool) -> None:
 def test_half_precision_weights_stay_as_stored_and_activations_are_float32() -> None:
     model = quantized_model(mx.bfloat16)
     before = model.layers[0].mlp.down_proj.scales.nbytes
-    prepare_for_cpu(model, threads=2)
+    prepare_for_cpu(model, streams=2)
     proj = model.layers[0].self_attn.q_proj
     assert proj.scales.dtype == proj.biases.dtype == mx.bfloat16
     assert model.layers[0].mlp.down_proj.scales.nbytes == before
@@ -69,7 +69,7 @@ def test_half_precision_weights_stay_as_stored_and_activations_are_float32() -> 
 
 def test_float32_checkpoint_is_left_in_float32() -> None:
     model = quantized_model(mx.float32)
-    prepare_for_cpu(model, threads=2)
+    prepare_for_cpu(model, streams=2)
     assert model.model.compute_dtype is None and model.layers[0].self_attn.kv_dtype is None
     cache = make_cache(model)
     model(mx.array([[1, 2, 3]]), cache=cache)
@@ -80,7 +80,7 @@ def test_a_split_model_runs_from_another_thread() -> None:
     """The web UI and the server run the model on a worker thread, which gets streams of its own (MLX's
     thread-local streams): the graph is built and evaluated there."""
     model = quantized_model()
-    prepare_for_cpu(model, threads=2)
+    prepare_for_cpu(model, streams=2)
     ids = mx.array([[5, 17, 300]])
     here = model(ids)
     result = []
@@ -94,3 +94,26 @@ def test_a_split_model_runs_from_another_thread() -> None:
     thread.start()
     thread.join()
     assert mx.array_equal(result[0], here).item()
+
+
+@pytest.mark.parametrize("cache_kind", ["none", "plain", "plain after a prefix", "rotating"])
+def test_prompts_run_in_chunks_give_the_same_logits(cache_kind: str) -> None:
+    """prefill_chunk runs attention and MLP a few tokens at a time: less memory, the same numbers."""
+    model = quantized_model(mx.float32)
+    prepare_for_cpu(model, streams=2)
+    ids = mx.random.randint(0, 1024, (1, 23), key=mx.random.key(3))
+
+    def logits(chunk: int | None) -> mx.array:
+        for layer in model.layers:
+            layer.self_attn.prefill_chunk = layer.mlp.prefill_chunk = chunk
+        if cache_kind == "none":
+            return model(ids)
+        cache = make_cache(model, CacheSettings(max_kv_size=16 if cache_kind == "rotating" else None))
+        if cache_kind == "plain after a prefix":
+            model(ids[:, :5], cache=cache)
+            return model(ids[:, 5:], cache=cache)
+        return model(ids, cache=cache)
+
+    whole = logits(None)
+    assert mx.array_equal(logits(4), whole).item()
+    assert mx.array_equal(logits(7), whole).item()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,6 +14,7 @@ import qwen_mlx
 from qwen_mlx import QwenMLXError
 from qwen_mlx.cache import PromptCache
 from qwen_mlx.config import ModelConfig
+from qwen_mlx.sample import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ class ScriptedModel:
     config: ModelConfig
     script: list[int]
     prompt_len: int = 0
+    sampling_defaults: SamplingParams = field(default_factory=SamplingParams)
 
     @property
     def layers(self) -> list[None]:
@@ -133,7 +135,7 @@ def test_statistics_are_reported(tiny: tuple) -> None:
     assert stats.time_to_first_token > 0 and stats.prompt_tps > 0 and stats.generation_tps > 0
     assert stats.peak_memory_gb > 0
     assert stats.context_tokens == stats.prompt_tokens + 9  # the last token is sampled, never fed back
-    assert stats.context_size == 2048
+    assert stats.context_length == 2048
 
 
 def test_prompt_forms_agree(tiny: tuple) -> None:

@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from qwen_mlx.openai_api import APIError, Model, parse_chat_request, parse_completion_request
+from qwen_mlx.config import ModelConfig
+from qwen_mlx.model import Qwen2
+from qwen_mlx.openai_api import APIError, ServedModel, parse_chat_request, parse_completion_request
+from qwen_mlx.random_model import tiny_config
 from qwen_mlx.tokenizer import Tokenizer
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -16,15 +19,17 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
 
 
 @pytest.fixture(scope="module")
-def model(qwen_tokenizer_dir: Path) -> Model:
-    return Model("m", Tokenizer.from_folder(qwen_tokenizer_dir), vocab_size=151936, context_size=4096)
+def model(qwen_tokenizer_dir: Path) -> ServedModel:
+    """Request checking needs the model's config and defaults only: its weights are never computed."""
+    config = ModelConfig.from_dict(tiny_config(vocab_size=151936, max_position_embeddings=4096))
+    return ServedModel("m", Qwen2(config), Tokenizer.from_folder(qwen_tokenizer_dir))
 
 
-def chat(model: Model, **body: Any) -> Any:
+def chat(model: ServedModel, **body: Any) -> Any:
     return parse_chat_request({"model": "m", **body}, model)
 
 
-def test_openai_messages_render_as_qwen_expects(model: Model) -> None:
+def test_openai_messages_render_as_qwen_expects(model: ServedModel) -> None:
     messages = [
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Paris?"}]},
@@ -46,20 +51,20 @@ def test_openai_messages_render_as_qwen_expects(model: Model) -> None:
     assert '"arguments": {"city": "Paris"}' in text and request.parse_tools
 
 
-def test_tool_choice_none_leaves_tools_out_of_the_prompt(model: Model) -> None:
+def test_tool_choice_none_leaves_tools_out_of_the_prompt(model: ServedModel) -> None:
     messages = [{"role": "user", "content": "hi"}]
     request = chat(model, messages=messages, tools=[TOOL], tool_choice="none")
     assert request.prompt_ids == model.tokenizer.apply_chat_template(messages, tokenize=True)
-    assert not request.parse_tools and "grammar" not in request.options
+    assert not request.parse_tools and request.generation.grammar is None
 
 
-def test_required_tool_choice_sets_a_grammar_and_defaults_follow_the_model(model: Model) -> None:
+def test_required_tool_choice_sets_a_grammar_and_defaults_follow_the_model(model: ServedModel) -> None:
     request = chat(model, messages=[{"role": "user", "content": "hi"}], tools=[TOOL], tool_choice="required")
-    assert "grammar" in request.options
+    assert request.generation.grammar is not None
     # Sampling parameters not given are left to the model's generation_config.json.
-    assert not {"temperature", "top_p", "top_k"} & set(request.options)
+    assert request.generation.sampling == model.model.sampling_defaults
     # With no max_tokens, a reply may fill the context.
-    assert request.options["max_tokens"] == 4096 - len(request.prompt_ids)
+    assert request.generation.max_tokens == 4096 - len(request.prompt_ids)
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -76,14 +81,14 @@ def test_required_tool_choice_sets_a_grammar_and_defaults_follow_the_model(model
                                                                             "json_schema": {"schema": "x"}}},
      "response_format"),
 ])
-def test_bad_chat_requests_name_the_parameter(model: Model, body: dict[str, Any], param: str) -> None:
+def test_bad_chat_requests_name_the_parameter(model: ServedModel, body: dict[str, Any], param: str) -> None:
     with pytest.raises(APIError) as error:
         chat(model, **body)
     assert error.value.status == 400 and error.value.param == param
     assert json.loads(json.dumps(error.value.body()))["error"]["type"] == "invalid_request_error"
 
 
-def test_completion_prompts(model: Model) -> None:
+def test_completion_prompts(model: ServedModel) -> None:
     assert parse_completion_request({"prompt": "Hello"}, model).prompt_ids == model.tokenizer.encode("Hello")
     assert parse_completion_request({"prompt": [[1, 2, 3]]}, model).prompt_ids == [1, 2, 3]
     # Typed control tokens are text, never control ids.
@@ -96,20 +101,21 @@ def test_completion_prompts(model: Model) -> None:
         assert error.value.param == param
 
 
-def scripted_reply(model: Model, text: str, stream_pieces: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run a scripted model output through `Reply` as streamed chunks; the stream payloads and the response."""
+def scripted_reply(model: ServedModel, text: str,
+                   stream_pieces: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run a scripted model output through `ResponseBuilder` as streamed chunks; the payloads and the response."""
     from qwen_mlx.generate import GenerationChunk, GenerationStats
-    from qwen_mlx.openai_api import Reply
+    from qwen_mlx.openai_api import ResponseBuilder
 
     request = chat(model, messages=[{"role": "user", "content": "hi"}], tools=[TOOL])
-    reply = Reply(request, model)
+    reply = ResponseBuilder(request, model)
     step = max(1, len(text) // stream_pieces)
     payloads = [p for i in range(0, len(text), step) for p in reply.add(GenerationChunk(text[i : i + step], 1))]
     closing, response = reply.finish(GenerationChunk("", None, "stop", GenerationStats(prompt_tokens=5)))
     return payloads + closing, response
 
 
-def test_a_malformed_call_from_the_model_is_returned_as_text(model: Model) -> None:
+def test_a_malformed_call_from_the_model_is_returned_as_text(model: ServedModel) -> None:
     text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
     payloads, response = scripted_reply(model, text)
     choice = response["choices"][0]
@@ -119,7 +125,7 @@ def test_a_malformed_call_from_the_model_is_returned_as_text(model: Model) -> No
     assert streamed == text
 
 
-def test_scripted_calls_become_openai_tool_calls(model: Model) -> None:
+def test_scripted_calls_become_openai_tool_calls(model: ServedModel) -> None:
     calls = [{"name": "get_weather", "arguments": {"city": city}} for city in ("Paris", "Oslo")]
     text = "\n".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
     payloads, response = scripted_reply(model, text, stream_pieces=7)

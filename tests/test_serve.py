@@ -21,18 +21,14 @@ import openai
 import pytest
 from servers import free_port, start_server, stop_server
 
-from qwen_mlx.demo import write_random_qwen2
+from qwen_mlx.random_model import tiny_config, write_random_qwen2
 from qwen_mlx.tokenizer import Tokenizer
 
 API_KEY = "test-key-123"
 CONTEXT = 1024
 MODEL_ID = "tiny-qwen"
 
-CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151665, "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": CONTEXT, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-}
+CONFIG = tiny_config(max_position_embeddings=CONTEXT)
 
 PERSON = {
     "type": "object",

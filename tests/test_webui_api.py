@@ -25,16 +25,11 @@ def write_test_model(folder: Path, context: int) -> Path:
     import mlx.core as mx
     from hf_models import TINY_VOCAB, write_tiny_tokenizer
 
-    from qwen_mlx.demo import write_random_qwen2
+    from qwen_mlx.random_model import tiny_config, write_random_qwen2
     from qwen_mlx.tokenizer import Tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model_type": "qwen2", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": context, "rope_theta": 10000.0, "tie_word_embeddings": True,
-    }
-    write_random_qwen2(folder, config)
+    write_random_qwen2(folder, tiny_config(vocab_size=TINY_VOCAB, max_position_embeddings=context, rope_theta=10000.0))
     write_tiny_tokenizer(folder)
     # Zero embeddings for the end-of-turn ids: with tied embeddings their logit is 0, which is never among the
     # top 20 (generation_config's top_k) of 320 logits of spread ~2.

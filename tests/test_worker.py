@@ -115,7 +115,7 @@ def test_a_full_queue_refuses_new_jobs(folder: Path) -> None:
     try:
         assert worker.wait_loaded(60)
         gate = threading.Event()
-        worker._jobs.put(gate.wait)  # hold the thread, so submitted jobs wait
+        worker._inbox.put(gate.wait)  # hold the thread, so submitted jobs wait
         first = worker.submit("a", [1, 2, 3], max_tokens=2)
         with pytest.raises(WorkerBusy, match="busy"):
             worker.submit("b", [1, 2, 3], max_tokens=2)

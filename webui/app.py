@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.generate import MAX_TOKENS_LIMIT
+from qwen_mlx.request import MAX_TOKENS_LIMIT
 from qwen_mlx.sample import SamplingParams
 from qwen_mlx.webui.conversations import Conversation, ConversationStore, is_id, new_id
 from qwen_mlx.worker import Job, ModelWorker
@@ -40,7 +40,7 @@ CSS = """
 """
 
 
-class Reply:
+class LiveReply:
     """The assistant message that a Job's chunks write, at the end of a conversation."""
 
     def __init__(self, conversation: Conversation, job: Job):
@@ -95,7 +95,8 @@ def stats_line(stats: dict[str, Any]) -> str:
             f"reply {stats['generation_tokens']} tokens",
             f"first token {stats['time_to_first_token']:.2f} s",
             f"{stats['generation_tps']:.1f} tokens/s",
-            f"context {stats['context_tokens']} / {stats['context_size']}",
+            # "context_size": conversations saved before the field was named context_length
+            f"context {stats['context_tokens']} / {stats.get('context_length', stats.get('context_size'))}",
         ]
     if stats.get("finish_reason") in FINISH_NOTES:
         parts.append(FINISH_NOTES[stats["finish_reason"]])
@@ -161,7 +162,7 @@ class ChatApp:
     def __init__(self, worker: ModelWorker, store: ConversationStore):
         self.worker = worker
         self.store = store
-        self.replies: dict[str, Reply] = {}  # conversation id → its reply being generated or not yet settled
+        self.replies: dict[str, LiveReply] = {}  # conversation id → its reply being generated or not yet settled
 
     def page(self, conversation: Conversation, message_box: str | None = None,
              listing: bool = True) -> tuple[Any, ...]:
@@ -257,7 +258,7 @@ class ChatApp:
         """Generate a reply to the conversation's last message, yielding the page as it grows."""
         self.settle_orphans()
         job = self.worker.submit(conversation.id, prompt_messages(conversation, system_prompt), **options)
-        reply = self.replies[conversation.id] = Reply(conversation, job)
+        reply = self.replies[conversation.id] = LiveReply(conversation, job)
         self.store.save(conversation)
         try:
             yield self.page(conversation, message_box="")
@@ -271,7 +272,7 @@ class ChatApp:
         finally:
             # Also runs when Gradio closes the generator (a cancelled event, a closed tab): the worker stops
             # within a token. Then this runs on the server's event loop, so it only raises the flag and saves;
-            # `Reply.finish` takes the last chunks later.
+            # `LiveReply.finish` takes the last chunks later.
             job.cancel()
             self.store.save(conversation)
             reply.handler_exited.set()
@@ -352,8 +353,9 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
 
         settings = [system_prompt, *sampling]
         page_outputs = [conversation, chatbot, message, conversations]
-        # One generation at a time on the model; the others wait in Gradio's queue, their position shown.
-        model_queue = {"concurrency_limit": 1, "concurrency_id": "model", "show_progress": "minimal"}
+        # As many replies at once as the worker decodes together; the others wait in Gradio's queue, their
+        # position shown.
+        model_queue = {"concurrency_limit": worker.max_batch, "concurrency_id": "model", "show_progress": "minimal"}
         message.submit(app.send, [message, conversation, *settings], page_outputs, api_name="send", **model_queue)
         send.click(app.send, [message, conversation, *settings], page_outputs, api_visibility="private",
                    **model_queue)

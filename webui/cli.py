@@ -1,8 +1,6 @@
 """`qwen-mlx webui`: load a model on a worker thread, then serve the chat page (Gradio) over HTTP.
 
 Conversations, the demo model and the browser-id secret live in $QWEN_MLX_HOME (default ~/.cache/qwen-mlx).
-QWEN_MLX_TOKEN_DELAY=<seconds> makes every model step sleep that long first: for tests and diagnostics
-only, so that a tiny model streams slowly enough to watch and to stop.
 """
 
 from __future__ import annotations
@@ -10,35 +8,18 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.cli import add_cache_arguments, check_cache_arguments
-from qwen_mlx.demo import data_home
+from qwen_mlx.commands.flags import add_server_arguments, check_server_arguments, start_worker
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.load import DEFAULT_MODEL
-from qwen_mlx.serve import LOOPBACK_HOSTS, check_port
+from qwen_mlx.files import data_home
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("webui", help="chat with the model in the browser")
-    model = parser.add_mutually_exclusive_group()
-    model.add_argument(
-        "--model", "-m", default=DEFAULT_MODEL,
-        help=f"local model folder or Hugging Face repo id (default: {DEFAULT_MODEL})",
-    )
-    model.add_argument(
-        "--demo", action="store_true",
-        help="no download: a tiny random-weight Qwen2 with the real tokenizer (its replies are gibberish)",
-    )
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    add_cache_arguments(parser)
+    add_server_arguments(parser, port=7860, max_queue=20)
     parser.add_argument("--auth", help="require this login, as user:password")
-    parser.add_argument("--max-queue", type=int, default=20,
-                        help="most requests waiting for the model before new ones are refused (default 20)")
     parser.set_defaults(func=run)
     return parser
 
@@ -66,29 +47,10 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def run(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry
     auth = parse_auth(args.auth)
-    check_cache_arguments(args)
-    if args.max_queue < 1:
-        raise QwenMLXError(f"--max-queue {args.max_queue} must be at least 1")
-    if args.host not in LOOPBACK_HOSTS and auth is None:
-        print(f"qwen-mlx: warning: --host {args.host} without --auth lets anyone who can reach this machine "
-              "chat with the model; add --auth user:password", file=sys.stderr)
-    check_port(args.host, args.port)  # before a model load that may take minutes
+    cache = check_server_arguments(args, "--auth", guarded=auth is not None)
     home = data_home()
     model_name = "demo model (random weights)" if args.demo else args.model
-
-    from qwen_mlx.load import load
-    from qwen_mlx.worker import ModelWorker, slowed_for_tests
-
-    def load_model() -> tuple[Any, Any]:
-        from qwen_mlx.demo import demo_model_folder
-
-        model, tokenizer = load(demo_model_folder(home / "models") if args.demo else args.model)
-        return slowed_for_tests(model), tokenizer
-
-    worker = ModelWorker(
-        load_model, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-        on_status=lambda status: print(f"qwen-mlx: {model_name}: {status}", file=sys.stderr, flush=True),
-    )
+    worker = start_worker(args, cache, model_name)
     worker.wait_loaded()
 
     from qwen_mlx.webui.app import CSS, build_app

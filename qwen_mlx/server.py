@@ -1,4 +1,4 @@
-"""`qwen-mlx serve`: an OpenAI-compatible HTTP server over one model.
+"""The OpenAI-compatible HTTP server (`qwen-mlx serve`) over one model's worker.
 
     POST /v1/chat/completions   chat, streamed or not; tools; response_format json_object / json_schema
     POST /v1/completions        raw text completion
@@ -12,16 +12,11 @@ generation within a token. Requests that resend a conversation reuse the cache o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
 import logging
-import os
-import socket
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -29,11 +24,9 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from qwen_mlx.cli import add_cache_arguments, check_cache_arguments
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk
-from qwen_mlx.load import DEFAULT_MODEL
-from qwen_mlx.openai_api import APIError, Model, Reply, parse_chat_request, parse_completion_request
+from qwen_mlx.openai_api import APIError, ResponseBuilder, ServedModel, parse_chat_request, parse_completion_request
 from qwen_mlx.worker import Job, ModelWorker, WorkerBusy
 
 log = logging.getLogger(__name__)
@@ -52,13 +45,12 @@ def build_app(
     """The HTTP app: OpenAI's routes over `worker`, whose model is answered to as `model_id` (or an alias)."""
     counters = {"requests": 0}
 
-    def served_model() -> Model:
+    def served_model() -> ServedModel:
         if not worker.loaded.is_set():
             raise APIError(503, "the model is still loading; retry shortly", kind="server_error", code="loading")
         if worker.load_error is not None:
             raise APIError(500, str(worker.load_error), kind="server_error")
-        config = worker.model.config
-        return Model(model_id, worker.tokenizer, config.vocab_size, config.context_length)
+        return ServedModel(model_id, worker.model, worker.tokenizer)
 
     def check_key(request: HTTPRequest) -> None:
         if api_key is None:
@@ -71,8 +63,9 @@ def build_app(
     async def health(request: HTTPRequest) -> Response:
         status = "loading" if not worker.loaded.is_set() else "error" if worker.load_error else "ok"
         return JSONResponse({
-            "status": status, "model": model_id, "busy": worker.busy, "waiting": worker.waiting,
-            "requests": counters["requests"], "generated_tokens": worker.generated_tokens,
+            "status": status, "model": model_id, "busy": worker.busy, "active": worker.active,
+            "waiting": worker.waiting, "max_batch": worker.max_batch, "requests": counters["requests"],
+            "generated_tokens": worker.generated_tokens,
         }, status_code=200 if status != "error" else 500)
 
     async def models(request: HTTPRequest) -> Response:
@@ -100,14 +93,14 @@ def build_app(
             wake = asyncio.Event()
             loop = asyncio.get_running_loop()
             try:
-                job = worker.submit(None, parsed.prompt_ids, notify=lambda: loop.call_soon_threadsafe(wake.set),
-                                    **parsed.options)
+                job = worker.submit_request(None, parsed.generation,
+                                            notify=lambda: loop.call_soon_threadsafe(wake.set))
             except WorkerBusy as e:
                 raise APIError(503, str(e), kind="server_error", code="server_busy") from None
         except APIError as e:
             return error_response(e)
         counters["requests"] += 1
-        reply = Reply(parsed, model)
+        reply = ResponseBuilder(parsed, model)
         if parsed.stream:
             return StreamingResponse(stream(job, wake, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -163,13 +156,13 @@ async def next_chunk(job: Job, wake: asyncio.Event) -> GenerationChunk:
         await wake.wait()
 
 
-def check_finished(chunk: GenerationChunk, reply: Reply) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def check_finished(chunk: GenerationChunk, reply: ResponseBuilder) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if chunk.finish_reason == "cancelled":  # only the server shutting down cancels a connected client's job
         raise APIError(503, "the server is shutting down", kind="server_error")
     return reply.finish(chunk)
 
 
-async def stream(job: Job, wake: asyncio.Event, reply: Reply) -> AsyncIterator[str]:
+async def stream(job: Job, wake: asyncio.Event, reply: ResponseBuilder) -> AsyncIterator[str]:
     """Server-sent events: one `data:` line per chunk payload, `data: [DONE]` at the end. When the client goes,
     Starlette cancels this generator, and `finally` cancels the job."""
     try:
@@ -199,80 +192,3 @@ async def cancel_on_disconnect(request: HTTPRequest, job: Job) -> None:
             job.cancel()
             return
         await asyncio.sleep(DISCONNECT_POLL_S)
-
-
-# --- the command ---
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API (chat, tools, JSON schema)")
-    model = parser.add_mutually_exclusive_group()
-    model.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                       help=f"local model folder or Hugging Face repo id (default: {DEFAULT_MODEL})")
-    model.add_argument("--demo", action="store_true",
-                       help="no download: a tiny random-weight Qwen2 with the real tokenizer (replies are gibberish)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    parser.add_argument("--api-key", default=os.environ.get("QWEN_MLX_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $QWEN_MLX_API_KEY; none: open)")
-    add_cache_arguments(parser)
-    parser.add_argument("--max-queue", type=int, default=16,
-                        help="most requests waiting for the model; more get 503 (default 16)")
-    parser.set_defaults(func=run)
-    return parser
-
-
-def check_port(host: str, port: int) -> None:
-    """Fail with a one-line error now, not after a model load that may take minutes."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise QwenMLXError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
-
-
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from qwen_mlx.demo import data_home, demo_model_folder
-    from qwen_mlx.load import load
-    from qwen_mlx.worker import slowed_for_tests
-
-    check_cache_arguments(args)
-    if args.max_queue < 1:
-        raise QwenMLXError(f"--max-queue {args.max_queue} must be at least 1")
-    if args.api_key is not None and not args.api_key.strip():
-        raise QwenMLXError("--api-key is empty; give a key or leave the option out")
-    if args.host not in LOOPBACK_HOSTS and args.api_key is None:
-        print(f"qwen-mlx: warning: --host {args.host} without --api-key lets anyone who can reach this machine use "
-              "the model; add --api-key KEY", file=sys.stderr)
-    check_port(args.host, args.port)
-    source = "demo" if args.demo else args.model
-    model_id = "qwen2-demo" if args.demo else Path(args.model).name if Path(args.model).is_dir() else args.model
-
-    def load_model() -> tuple[Any, Any]:
-        model, tokenizer = load(demo_model_folder(data_home() / "models") if args.demo else args.model)
-        return slowed_for_tests(model), tokenizer
-
-    worker = ModelWorker(
-        load_model, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits, max_queue=args.max_queue,
-        on_status=lambda status: print(f"qwen-mlx: {source}: {status}", file=sys.stderr, flush=True),
-    )
-    worker.wait_loaded()
-    if worker.load_error is not None:
-        worker.close()
-        raise worker.load_error
-    app = build_app(worker, model_id, args.api_key, aliases=(source,))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    print(f"qwen-mlx: serving {model_id!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr,
-          flush=True)
-    try:
-        server.run()
-    finally:
-        worker.close()
-    return 0
-

@@ -1,4 +1,4 @@
-"""`qwen-mlx convert`: a Hugging Face Qwen2 folder → an MLX folder (optionally quantized) that mlx-lm loads.
+"""A Hugging Face Qwen2 folder → an MLX folder (optionally quantized) that mlx-lm loads (`qwen-mlx convert`).
 
 The output has mlx-lm's layout: config.json with the `quantization` block, `model.safetensors` (or
 `model-0000i-of-0000n.safetensors` shards) with `{"format": "mlx"}` metadata, `model.safetensors.index.json`,
@@ -9,8 +9,6 @@ the target that is renamed at the end, so an interrupted run never leaves a fold
 
 from __future__ import annotations
 
-import argparse
-import json
 import secrets
 import shutil
 from collections.abc import Sequence
@@ -20,15 +18,14 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
-from tqdm import tqdm
 
 from qwen_mlx.config import read_json
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.load import load_model, resolve_model_path, weight_files
+from qwen_mlx.load import load_model, resolve_model_path
 from qwen_mlx.quantize import check_quantization, dequantize_model, parameter_count, quantize_model
+from qwen_mlx.weights import MAX_SHARD_BYTES, weight_files, write_json, write_weights
 
 DTYPES = ("float16", "bfloat16", "float32")
-MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
 # Besides config and weights, a model folder needs its tokenizer, chat template and generation defaults.
 COPIED_FILES = (
     "tokenizer.json",
@@ -186,52 +183,6 @@ def cast_floats(model: Any, dtype: mx.Dtype) -> None:
     )
 
 
-def plan_shards(weights: dict[str, mx.array], max_shard_bytes: int) -> list[list[str]]:
-    """Tensor names per shard, in order; a tensor over the limit gets a shard of its own (as in mlx-lm)."""
-    shards: list[list[str]] = []
-    size = 0
-    for name, array in weights.items():
-        if not shards or size + array.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += array.nbytes
-    return shards
-
-
-def write_weights(folder: Path, weights: dict[str, mx.array], parameters: int,
-                  max_shard_bytes: int = MAX_SHARD_BYTES, desc: str = "Converting") -> None:
-    """Evaluate and write the tensors shard by shard, with a progress bar; consumes `weights`."""
-    shards = plan_shards(weights, max_shard_bytes)
-    n = len(shards)
-    file_names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    if n == 1:
-        file_names = ["model.safetensors"]
-    total = sum(v.nbytes for v in weights.values())
-    weight_map: dict[str, str] = {}
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc) as bar:
-        for file_name, names in zip(file_names, shards, strict=True):
-            shard = {}
-            for name in names:
-                bar.set_postfix_str(name, refresh=False)
-                array = weights.pop(name)
-                mx.eval(array)
-                shard[name] = array
-                bar.update(array.nbytes)
-            write_shard(folder / file_name, shard)
-            weight_map.update(dict.fromkeys(names, file_name))
-            del shard
-    index = {
-        "metadata": {"total_size": total, "total_parameters": parameters},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    write_json(folder / "model.safetensors.index.json", index)
-
-
-def write_shard(path: Path, tensors: dict[str, mx.array]) -> None:
-    mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})
-
-
 def output_config(config: dict[str, Any], quantization: dict[str, Any] | None) -> dict[str, Any]:
     """The source's config.json with the new quantization block (twice, as mlx-lm writes it), keys sorted."""
     dropped = ("_name_or_path", "quantization", "quantization_config")
@@ -247,11 +198,6 @@ def output_config(config: dict[str, Any], quantization: dict[str, Any] | None) -
         config["quantization"] = quantization
         config["quantization_config"] = quantization
     return dict(sorted(config.items()))
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=4)
 
 
 def copy_tokenizer_files(source: Path, folder: Path) -> None:
@@ -276,51 +222,3 @@ def move_into_place(staging: Path, target: Path, force: bool) -> None:
 
 def _gigabytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The `convert` subcommand, with mlx_lm.convert's flags."""
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert a Hugging Face Qwen2 model to MLX, optionally quantized",
-        description="Convert a Hugging Face Qwen2 / Qwen2.5 model (safetensors) into an MLX model folder "
-        "that qwen-mlx and mlx-lm both load, e.g. `qwen-mlx convert --hf-path Qwen/Qwen2.5-7B-Instruct -q`.",
-    )
-    parser.add_argument(
-        "--hf-path", "--model", required=True, help="local model folder or Hugging Face repo id"
-    )
-    parser.add_argument("--mlx-path", default="mlx_model", help="the folder to write (default: mlx_model)")
-    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
-    parser.add_argument("--q-bits", type=int, default=4, help="bits per weight: 2, 3, 4, 6 or 8 (default 4)")
-    parser.add_argument(
-        "--q-group-size", type=int, default=64, help="quantization group size: 32, 64 or 128 (default 64)"
-    )
-    parser.add_argument(
-        "--dtype", choices=DTYPES, help="type of the unquantized tensors (default: as stored in the source)"
-    )
-    parser.add_argument(
-        "-d", "--dequantize", action="store_true", help="turn an MLX-quantized model back into full precision"
-    )
-    parser.add_argument(
-        "--q-keep", action="append", default=[], metavar="NAMES[=BITS]",
-        help="quantize these layers with more bits (default 8), e.g. embed_tokens,lm_head=8 (repeatable)",
-    )
-    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --mlx-path")
-    parser.set_defaults(func=run)
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = convert(
-        args.hf_path,
-        args.mlx_path,
-        quantize=args.quantize,
-        q_bits=args.q_bits,
-        q_group_size=args.q_group_size,
-        dtype=args.dtype,
-        dequantize=args.dequantize,
-        q_keep=parse_q_keep(args.q_keep),
-        force=args.force,
-    )
-    print(summary)
-    return 0

@@ -1,0 +1,42 @@
+"""`qwen-mlx cache-prompt`: process a long system prompt or document once and save its KV cache, for
+`generate` and `chat --prompt-cache` to start from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from qwen_mlx.cache import PromptCache, save_prompt_cache
+from qwen_mlx.commands.flags import add_cache_arguments, add_model_argument, cache_settings
+from qwen_mlx.commands.terminal import load_with_status, model_shape
+from qwen_mlx.decode import prefill
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("cache-prompt", help="process a long system prompt or document once and save it")
+    add_model_argument(parser)
+    parser.add_argument("--prompt", "-p", required=True, help="the document / first user message ('-' reads stdin)")
+    parser.add_argument("--system", help="system prompt (default: the model's own)")
+    parser.add_argument("--output", "-o", required=True, help="the .safetensors file to write")
+    add_cache_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = cache_settings(args)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load_with_status(args.model)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": text}
+    ]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
+    prompt_cache = PromptCache.new(model, settings)
+    prefill(model, ids, prompt_cache, step_size=512)
+    meta = {"model": args.model, "model_shape": model_shape(model), "messages": json.dumps(messages)}
+    save_prompt_cache(args.output, prompt_cache, meta)
+    print(f"Saved {len(ids)} tokens of prompt cache to {args.output} ({prompt_cache.nbytes / 1e6:.1f} MB)",
+          file=sys.stderr)
+    return 0

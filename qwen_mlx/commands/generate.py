@@ -1,0 +1,32 @@
+"""`qwen-mlx generate`: one reply to a prompt, streamed to stdout, statistics on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from qwen_mlx.commands.flags import add_model_argument, add_sampling_arguments, cache_settings
+from qwen_mlx.commands.terminal import load_with_status, print_stats, start_messages, stream_reply
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("generate", help="generate one reply to a prompt")
+    add_model_argument(parser)
+    parser.add_argument("--prompt", "-p", required=True, help="the user message ('-' reads stdin)")
+    parser.add_argument("--system", help="system prompt (default: the model's own)")
+    parser.add_argument("--prompt-cache", help="start from a prompt cache saved by `qwen-mlx cache-prompt`")
+    add_sampling_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    cache_settings(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load_with_status(args.model)
+    prompt_cache, messages = start_messages(args, model)
+    messages.append({"role": "user", "content": prompt})
+    _, stats = stream_reply(model, tokenizer, messages, args, prompt_cache)
+    print_stats(stats)
+    return 0

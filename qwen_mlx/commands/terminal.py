@@ -1,0 +1,76 @@
+"""What the terminal commands (generate, chat, cache-prompt) share: loading with a status line, replies streamed
+to stdout with statistics on stderr, and prompt caches saved for a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import mlx.nn as nn
+
+from qwen_mlx.cache import PromptCache, load_prompt_cache
+from qwen_mlx.commands.flags import cache_options, cache_settings, sampling_options
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.generate import GenerationStats, stream_generate
+from qwen_mlx.load import load
+from qwen_mlx.tokenizer import Tokenizer
+
+
+def load_with_status(model: str) -> tuple[nn.Module, Tokenizer]:
+    print(f"Loading {model} ...", file=sys.stderr, flush=True)
+    return load(model)
+
+
+def print_stats(stats: GenerationStats) -> None:
+    reused = stats.prompt_tokens - stats.prefilled_tokens
+    line = (
+        f"prompt: {stats.prompt_tokens} tokens ({reused} reused from cache), {stats.prompt_tps:.1f} tokens/s | "
+        f"generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens/s | "
+        f"first token: {stats.time_to_first_token:.2f} s | peak memory: {stats.peak_memory_gb:.2f} GB | "
+        f"context: {stats.context_tokens}/{stats.context_length}"
+    )
+    if stats.draft_tokens:
+        line += f" | drafts accepted: {stats.accepted_draft_tokens}/{stats.draft_tokens}"
+    print(line, file=sys.stderr)
+
+
+def model_shape(model: nn.Module) -> str:
+    c = model.config
+    return f"{c.num_hidden_layers}x{c.num_key_value_heads}x{c.head_dim}/{c.vocab_size}"
+
+
+def read_prompt_cache(path: str, model: nn.Module) -> tuple[PromptCache, list[dict[str, Any]]]:
+    """A saved prompt cache and the messages behind it, checked against the model it will run with."""
+    prompt_cache, meta = load_prompt_cache(path)
+    if meta.get("model_shape") != model_shape(model):
+        raise QwenMLXError(f"{path}: this prompt cache was made with another model ({meta.get('model')})")
+    return prompt_cache, json.loads(meta.get("messages", "[]"))
+
+
+def start_messages(args: argparse.Namespace, model: nn.Module) -> tuple[PromptCache, list[dict[str, Any]]]:
+    """The conversation's cache and first messages: from --prompt-cache, else empty; --system replaces any."""
+    if args.prompt_cache:
+        prompt_cache, messages = read_prompt_cache(args.prompt_cache, model)
+    else:
+        prompt_cache, messages = PromptCache.new(model, cache_settings(args)), []
+    if args.system:
+        messages = [m for m in messages if m["role"] != "system"]
+        messages.insert(0, {"role": "system", "content": args.system})
+    return prompt_cache, messages
+
+
+def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict[str, Any]], args: argparse.Namespace,
+                 prompt_cache: PromptCache) -> tuple[str, GenerationStats]:
+    """Print a reply as it streams; return its text and stats."""
+    parts = []
+    stats = None
+    options = {**sampling_options(args), **cache_options(cache_settings(args))}
+    for chunk in stream_generate(model, tokenizer, messages, prompt_cache=prompt_cache, **options):
+        print(chunk.text, end="", flush=True)
+        parts.append(chunk.text)
+        if chunk.stats is not None:
+            stats = chunk.stats
+    print(flush=True)
+    return "".join(parts), stats

@@ -1,0 +1,173 @@
+"""A generation request, checked once: the prompt as token ids, sampling, limits, stop strings, the output
+constraint, logprobs, and how the KV cache is kept.
+
+Every front end (the Python API, the CLI, the web UI, the HTTP server) builds its request with `prepare_request`,
+so a bad value gets the same one-line `QwenMLXError` wherever it comes from, with the argument at fault in the
+error's `field` (the server reports it as the error's `param`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.nn as nn
+
+from qwen_mlx.cache import CacheSettings
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.grammar import check_grammar, output_grammar
+from qwen_mlx.sample import SamplingParams
+from qwen_mlx.tokenizer import Tokenizer
+
+MAX_TOKENS_LIMIT = 8192  # Qwen2.5's generation limit (model card)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+ROLES = ("system", "user", "assistant", "tool")
+
+Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate, every value checked: the token loop and the text layer take it as it is."""
+
+    prompt_ids: list[int]
+    max_tokens: int = 512
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None  # an llguidance grammar the reply must follow
+    logprobs: int | None = None  # None: not asked; else how many alternatives per token
+    tools: list[dict[str, Any]] | None = None  # the reply's <tool_call> blocks are parsed when given
+    prefill_step_size: int = 512
+    cache: CacheSettings = field(default_factory=CacheSettings)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` if it is an integer in [low, high]; else a one-line error naming `name`."""
+    if not is_int(value) or value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"of at least {low}"
+        raise QwenMLXError(f"{name} {value!r} must be an integer {bounds}", name)
+    return value
+
+
+def prepare_request(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    *,
+    max_tokens: int = 512,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    max_kv_size: int | None = None,
+    keep: int = 4,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    prefill_step_size: int = 512,
+    json_schema: dict[str, Any] | None = None,
+    response_format: dict[str, Any] | None = None,
+    grammar: str | None = None,
+    logprobs: int | None = None,
+) -> GenerationRequest:
+    """Check every argument of `stream_generate` and encode the prompt (see there for what they mean).
+
+    Sampling parameters not given take the model's defaults (`model.sampling_defaults`). Errors name the
+    argument, e.g. `QwenMLXError("top_p 0 must be in (0, 1]", field="top_p")`.
+    """
+    check_int("max_tokens", max_tokens, 1, MAX_TOKENS_LIMIT)
+    sampling = model.sampling_defaults.updated(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty
+    )
+    if seed is not None and not is_int(seed):
+        raise QwenMLXError(f"seed must be an integer, not {seed!r}", "seed")
+    if logprobs is not None:
+        check_int("logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
+    check_int("prefill_step_size", prefill_step_size, 1)
+    stops = check_stop(stop)
+    cache = CacheSettings(max_kv_size, keep, kv_bits, kv_group_size)
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise QwenMLXError("tools must be a list of {'type': 'function', 'function': {...}} objects", "tools")
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.vocab_size, tools or None)
+    context = model.config.context_length
+    if len(prompt_ids) >= context:
+        raise QwenMLXError(
+            f"the prompt is {len(prompt_ids)} tokens but the model's context is {context}; shorten it", "prompt"
+        )
+    constraint = output_grammar(json_schema, response_format, grammar)
+    if constraint is not None:
+        check_grammar(tokenizer, model.config.vocab_size, constraint)
+    return GenerationRequest(
+        prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stops,
+        grammar=constraint, logprobs=logprobs, tools=tools or None, prefill_step_size=prefill_step_size, cache=cache,
+    )
+
+
+def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Stop strings as a tuple (empty strings dropped: they would stop before the first token)."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is None:
+        return ()
+    if isinstance(stops, bytes | dict) or not all(isinstance(s, str) for s in stops):
+        raise QwenMLXError(f"stop must be a string or a list of strings, not {stop!r}", "stop")
+    return tuple(s for s in stops if s)
+
+
+def encode_prompt(
+    tokenizer: Tokenizer, prompt: Prompt, vocab_size: int, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids for a plain string (ordinary text), chat messages (the chat template), or ids as they are.
+
+    Ids are checked against the model's vocabulary, which may be padded past the tokenizer's (Qwen2.5: 152064 vs
+    151665): a model can generate such ids, and they may be fed back.
+    """
+    if isinstance(prompt, str):
+        if not prompt:
+            raise QwenMLXError("the prompt is empty", "prompt")
+        if tools:
+            raise QwenMLXError("tools need chat messages as the prompt, e.g. [{'role': 'user', 'content': ...}]",
+                               "tools")
+        return tokenizer.encode(prompt)
+    if not isinstance(prompt, Sequence) or isinstance(prompt, bytes):
+        raise QwenMLXError(f"the prompt must be a string, a list of chat messages (dicts) or a list of token ids, "
+                           f"not {type(prompt).__name__}", "prompt")
+    items = list(prompt)
+    if not items:
+        raise QwenMLXError("the prompt is empty", "prompt")
+    if all(isinstance(m, dict) for m in items):
+        for i, m in enumerate(items):
+            check_message(i, m)
+        return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True, tokenize=True)
+    if all(is_int(t) for t in items):
+        bad = [t for t in items if not 0 <= t < vocab_size]
+        if bad:
+            raise QwenMLXError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
+        return items
+    raise QwenMLXError("the prompt must be a string, a list of chat messages (dicts) or a list of token ids",
+                       "prompt")
+
+
+def check_message(i: int, message: dict[str, Any]) -> None:
+    """A chat message the template can render: a known role, and text content (or an assistant's tool calls)."""
+    if "role" not in message:
+        raise QwenMLXError(f"chat message {i} needs a 'role' and a 'content': {message!r}", "messages")
+    role = message["role"]
+    if role not in ROLES:
+        raise QwenMLXError(f"chat message {i} has role {role!r}; use one of {', '.join(ROLES)}", "messages")
+    content = message.get("content")
+    calls = message.get("tool_calls")
+    if isinstance(content, str) or (role == "assistant" and calls and content in (None, "")):
+        return
+    if "content" not in message and not calls:
+        raise QwenMLXError(f"chat message {i} ({role}) needs a 'role' and a 'content'", "messages")
+    raise QwenMLXError(f"chat message {i} ({role}): content must be a string, not {type(content).__name__}",
+                       "messages")
