@@ -178,6 +178,7 @@ class ModelWorker:
         self._inbox: queue.SimpleQueue[Job | Callable[[], Any]] = queue.SimpleQueue()
         self._queued: deque[Job] = deque()  # jobs waiting for a row
         self._running: dict[TokenSequence, Running] = {}
+        self._idle_waiters: list[threading.Event] = []  # set once no job is running (`close`)
         self._sessions = SessionCaches(max_sessions)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
@@ -228,18 +229,23 @@ class ModelWorker:
         """Drop a session's cache (its conversation was deleted), in turn on the worker's thread."""
         self._inbox.put(lambda: self._sessions.forget(session))
 
+    def cancel_all(self) -> None:
+        """Cancel the running and waiting jobs, and every job submitted from now on (the server is stopping):
+        each ends within a token with finish_reason "cancelled"."""
+        self._closing.set()
+        for running in list(self._running.values()):
+            running.job.cancel()
+
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
-        """Cancel the running and waiting jobs (new ones are cancelled too) and wait until the thread is idle, for
-        at most `timeout` seconds; False if it did not get there in time.
+        """`cancel_all`, then wait until the thread is idle, for at most `timeout` seconds; False if it did not get
+        there in time.
 
         Call it before the interpreter exits: a thread inside MLX then aborts the process. The thread itself stays
         parked rather than ending, since MLX's thread-local cleanup at thread exit also needs the interpreter.
         """
-        self._closing.set()
-        for running in list(self._running.values()):
-            running.job.cancel()
+        self.cancel_all()
         idle = threading.Event()
-        self._inbox.put(idle.set)
+        self._inbox.put(lambda: self._idle_waiters.append(idle))
         if not idle.wait(timeout):
             log.warning("the model thread did not become idle within %.0f s", timeout)
             return False
@@ -265,6 +271,10 @@ class ModelWorker:
                     self._admit(decoder)
                     if self._running:
                         self._step(decoder)
+                    else:
+                        for idle in self._idle_waiters:
+                            idle.set()
+                        self._idle_waiters.clear()
                 except Exception:  # a bug here must not end the thread: fail what is running, go on
                     log.exception("the model thread hit an error; failing the running jobs")
                     self._fail_all(decoder, QwenMLXError("internal error while generating; see the server log"))

@@ -1,13 +1,20 @@
-"""Shared fixtures: the Qwen2.5 reference configuration and a real Qwen2.5 tokenizer folder built from it."""
+"""Shared fixtures: the Qwen2.5 reference configuration, a real Qwen2.5 tokenizer folder built from it, and tiny
+random models that use it."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hf_models import REFERENCE_DIR
 
 from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
+from qwen_mlx.random_model import tiny_config, write_random_qwen2
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +29,21 @@ def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, reference_dir: 
     folder = tmp_path_factory.mktemp("qwen2.5-tokenizer")
     write_qwen_tokenizer(folder, reference_dir)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: Path) -> Callable[..., Path]:
+    """`tiny_model_dir(name, **config)`: a folder `name` (written once per session) holding a random Qwen2 of
+    `random_model.tiny_config(**config)` with Qwen2.5's real tokenizer."""
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    def make(name: str, **config: Any) -> Path:
+        folder = root / name
+        if not folder.exists():
+            folder.mkdir()
+            write_random_qwen2(folder, tiny_config(**config))
+            for file in TOKENIZER_FILES:
+                shutil.copy(qwen_tokenizer_dir / file, folder / file)
+        return folder
+
+    return make

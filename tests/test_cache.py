@@ -150,26 +150,34 @@ def test_rotating_cache_second_turn_after_generation_gives_mlx_lm_greedy_tokens(
 
 
 def test_rotating_cache_memory_stays_flat_however_long_it_generates(ours: Loaded) -> None:
-    model, _ = ours
-
-    def peak_and_cache_bytes(n_tokens: int, max_kv_size: int | None) -> tuple[int, int, int]:
-        """Peak memory while generating, the part of it the generation added, and the cache's final size."""
-        prompt_cache = PromptCache.new(model, CacheSettings(max_kv_size, KEEP))
-        before = mx.get_active_memory()
-        mx.reset_peak_memory()
-        greedy(ours, PROMPT[:10], n_tokens, prompt_cache=prompt_cache)
-        return mx.get_peak_memory(), mx.get_peak_memory() - before, prompt_cache.nbytes
-
-    peak_2w, _, bytes_2w = peak_and_cache_bytes(2 * W, W)
-    peak_10w, _, bytes_10w = peak_and_cache_bytes(10 * W, W)
-    assert peak_10w <= 1.03 * peak_2w
+    model, tokenizer = ours
     c = model.config
-    assert bytes_10w == bytes_2w == c.num_hidden_layers * 2 * c.num_key_value_heads * W * c.head_dim * 4  # float32
+    position_bytes = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4  # keys + values, float32
 
-    # The same measurement does see a cache that grows: what generating adds more than doubles without a window.
-    _, plain_added_2w, _ = peak_and_cache_bytes(2 * W, None)
-    _, plain_added_10w, _ = peak_and_cache_bytes(10 * W, None)
-    assert plain_added_10w > 2 * plain_added_2w
+    def held_and_cache_bytes(n_tokens: int, max_kv_size: int | None) -> tuple[int, int]:
+        """The most memory a generation of `n_tokens` holds beyond what was there before (sampled at every token,
+        where nothing is transient), and the cache's final size."""
+        prompt_cache = PromptCache.new(model, CacheSettings(max_kv_size, KEEP))
+        mx.clear_cache()
+        before = highest = mx.get_active_memory()
+        finish = None
+        for chunk in qwen_mlx.stream_generate(model, tokenizer, PROMPT[:10], max_tokens=n_tokens, temperature=0,
+                                              repetition_penalty=1.0, prompt_cache=prompt_cache):
+            highest = max(highest, mx.get_active_memory())
+            finish = chunk.finish_reason
+        assert finish == "length"  # no end-of-turn token: it generated all of them
+        return highest - before, prompt_cache.nbytes
+
+    runs = [held_and_cache_bytes(n, W) for n in (2 * W, 10 * W, 20 * W)]
+    assert {cache for _, cache in runs} == {W * position_bytes}  # the window, never more
+    held = [h for h, _ in runs]
+    # Ten times longer holds no more: a cache that kept growing would add 18 windows' worth here.
+    assert max(held) - min(held) < W * position_bytes / 4
+
+    # The same measurement does see a cache that grows: without a window, 8 windows more of positions.
+    plain_2w, _ = held_and_cache_bytes(2 * W, None)
+    plain_10w, _ = held_and_cache_bytes(10 * W, None)
+    assert plain_10w - plain_2w >= 0.9 * 8 * W * position_bytes
 
 
 def test_rotating_cache_must_be_larger_than_its_sinks() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,9 @@ import pytest
 
 from qwen_mlx import QwenMLXError, generate, load
 from qwen_mlx.grammar import check_grammar, json_schema_grammar, tool_call_grammar
-from qwen_mlx.random_model import tiny_config, write_random_qwen2
 
-CONFIG = tiny_config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+CONFIG = {"vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048}
 ITEM = {
     "type": "object",
     "properties": {
@@ -31,13 +30,9 @@ MESSAGES = [{"role": "user", "content": "An item as JSON, please."}]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: Path) -> tuple[Any, Any]:
+def model(tiny_model_dir: Callable[..., Path]) -> tuple[Any, Any]:
     """A random one-layer Qwen2 with Qwen2.5's real tokenizer, its vocabulary padded as Qwen2.5-0.5B's is."""
-    folder = tmp_path_factory.mktemp("tiny")
-    write_random_qwen2(folder, CONFIG)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(qwen_tokenizer_dir / name, folder / name)
-    return load(folder)
+    return load(tiny_model_dir("grammar", **CONFIG))
 
 
 def test_json_schema_reply_validates_for_every_seed(model: tuple[Any, Any]) -> None:

@@ -73,6 +73,12 @@ def test_required_tool_choice_sets_a_grammar_and_defaults_follow_the_model(model
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    # A later sampling field at fault is named, not the first one given.
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "top_p": 0}, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "top_k": 2.5}, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "min_p": 1.5}, "min_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0.5, "repetition_penalty": 0}, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "seed": "7"}, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"chunk_size": 2}}, "stream_options"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL],

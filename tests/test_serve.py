@@ -8,10 +8,9 @@ call comes back is the constraint's doing, and without it the same model writes 
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,12 @@ import openai
 import pytest
 from servers import free_port, start_server, stop_server
 
-from qwen_mlx.random_model import tiny_config, write_random_qwen2
 from qwen_mlx.tokenizer import Tokenizer
 
 API_KEY = "test-key-123"
 CONTEXT = 1024
 MODEL_ID = "tiny-qwen"
 
-CONFIG = tiny_config(max_position_embeddings=CONTEXT)
 
 PERSON = {
     "type": "object",
@@ -74,13 +71,8 @@ USER = [{"role": "user", "content": "Tell me about Paris."}]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: Path) -> Path:
-    folder = tmp_path_factory.mktemp("models") / MODEL_ID
-    folder.mkdir()
-    write_random_qwen2(folder, CONFIG)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(qwen_tokenizer_dir / name, folder / name)
-    return folder
+def model_dir(tiny_model_dir: Callable[..., Path]) -> Path:
+    return tiny_model_dir(MODEL_ID, max_position_embeddings=CONTEXT)
 
 
 def serve(model: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[Any, str]:
@@ -296,16 +288,27 @@ def test_streamed_tool_call_never_shows_markup_in_content(client: openai.OpenAI)
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER_TOOL["function"]["parameters"])
 
 
-def test_tool_results_can_be_sent_back(client: openai.OpenAI) -> None:
+def test_tool_results_can_be_sent_back(client: openai.OpenAI, model_dir: Path) -> None:
     """The assistant's call (arguments as a JSON string, as OpenAI sends them) and the tool's answer render."""
+    arguments = {"city": "Paris", "unit": "celsius", "days": 1}
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "celsius", "days": 1})}}]},
+            "name": "get_weather", "arguments": json.dumps(arguments)}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 °C, sunny"},
     ]
     response = client.chat.completions.create(model=MODEL_ID, messages=messages, tools=[WEATHER_TOOL], max_tokens=4)
-    assert response.usage.prompt_tokens > 50
+    tokenizer = Tokenizer.from_folder(model_dir)
+    expected = tokenizer.apply_chat_template([
+        messages[0],
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "content": "18 °C, sunny"},
+    ], tools=[WEATHER_TOOL], tokenize=True)
+    assert response.usage.prompt_tokens == len(expected)
+    rendered = tokenizer.decode(expected)
+    assert '"arguments": {"city": "Paris", "unit": "celsius", "days": 1}' in rendered
+    assert "<tool_response>\n18 °C, sunny\n</tool_response>" in rendered
 
 
 def test_the_readme_example_runs(server: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -440,3 +443,34 @@ def test_a_port_in_use_is_reported_before_loading(model_dir: Path, capsys: pytes
         assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "loading" not in err
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_shutdown_while_a_client_streams_ends_promptly_with_exit_0(model_dir: Path, tmp_path: Path,
+                                                                   signal_name: str) -> None:
+    import signal
+
+    process, url = serve(model_dir, tmp_path, env={"QWEN_MLX_TOKEN_DELAY": "0.05"})
+    streaming = threading.Event()
+
+    def client() -> None:
+        body = {"model": MODEL_ID, "messages": USER, "max_tokens": 500, "stream": True}
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if '"content": "' in line:
+                        streaming.set()
+        except httpx.HTTPError:
+            pass  # the server went away mid-stream: expected
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        assert streaming.wait(60)
+        started = time.monotonic()
+        process.send_signal(getattr(signal, signal_name))
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        stop_server(process)
+    thread.join(10)

@@ -124,3 +124,31 @@ def test_a_full_queue_refuses_new_jobs(folder: Path) -> None:
         assert drain(worker.submit("b", [1, 2, 3], max_tokens=2))[-1].finish_reason == "length"
     finally:
         worker.close()
+
+
+def test_a_client_that_cannot_be_notified_is_cancelled_and_the_worker_goes_on(worker: ModelWorker) -> None:
+    """As when uvicorn's event loop has closed at shutdown: `call_soon_threadsafe` raises in the worker's thread."""
+
+    def closed_loop() -> None:
+        raise RuntimeError("Event loop is closed")
+
+    gone = worker.submit("n", "hello", temperature=0, max_tokens=200, notify=closed_loop)
+    assert gone.done.wait(60) and gone.cancelled.is_set()
+    chunks = []
+    while (chunk := gone.get(timeout=0)) is not None:
+        chunks.append(chunk)
+    assert chunks[-1].finish_reason == "cancelled" and len(chunks) < 200
+    assert drain(worker.submit("n2", "hi", temperature=0, max_tokens=3))[-1].finish_reason == "length"
+
+
+def test_close_returns_in_bounded_time_whatever_the_thread_is_doing(folder: Path) -> None:
+    import time
+
+    worker = ModelWorker(lambda: qwen_mlx.load(folder))
+    assert worker.wait_loaded(60)
+    stuck = threading.Event()
+    worker._inbox.put(stuck.wait)  # the thread is busy with something that does not end
+    started = time.monotonic()
+    assert worker.close(timeout=1) is False
+    assert time.monotonic() - started < 3
+    stuck.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any
 
@@ -36,12 +37,29 @@ def run(args: argparse.Namespace) -> int:
         worker.close()
         raise worker.load_error
     app = build_app(worker, model_id, args.api_key, aliases=(source,))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Streams still open end with a last event ("the server is shutting down") within a token, so the
+            # graceful shutdown has nothing to cut off.
+            worker.cancel_all()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    server = Server(config)
     print(f"qwen-mlx: serving {model_id!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr,
           flush=True)
+    previous = signal.signal(signal.SIGTERM, stop_requested)
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn raises the signal it stopped on again once it has shut down: the stop that was asked for
     finally:
+        signal.signal(signal.SIGTERM, previous)
         worker.close()
     return 0
+
+
+def stop_requested(signum: int, frame: Any) -> None:
+    """SIGTERM, like Ctrl-C, is a request to stop: the server shuts down and exits with 0."""
+    raise KeyboardInterrupt
