@@ -24,11 +24,13 @@ from qwen_mlx.generate import (
 from qwen_mlx.load import DEFAULT_MODEL, load
 from qwen_mlx.request import GenerationRequest, prepare_request
 from qwen_mlx.sample import SamplingParams
+from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_MODEL",
     "CacheSettings",
+    "DraftModel",
     "GenerationChunk",
     "GenerationRequest",
     "GenerationResult",
@@ -45,6 +47,7 @@ __all__ = [
     "convert",
     "generate",
     "load",
+    "load_draft",
     "load_prompt_cache",
     "make_cache",
     "parse_tool_calls",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,6 +415,7 @@ class PromptCache:
 
     caches: list[BaseCache]
     tokens: list[int] = field(default_factory=list)
+    draft: PromptCache | None = None  # a draft model's own cache for the same conversation (speculative decoding)
 
     @classmethod
     def new(cls, model: nn.Module, settings: CacheSettings | None = None) -> PromptCache:
@@ -431,6 +433,25 @@ class PromptCache:
         for c in self.caches:
             c.trim(n)
         del self.tokens[len(self.tokens) - n :]
+
+    def run_chunk(self, model: nn.Module, tokens: list[int]) -> list[mx.array]:
+        """Run `tokens` through `model` into these caches (nothing evaluated yet); the arrays to evaluate."""
+        model(mx.array(tokens)[None], cache=self.caches)
+        self.tokens += tokens
+        return [a for c in self.caches for a in c.state()[0].values()]
+
+    def prefill(self, model: nn.Module, tokens: list[int], step_size: int = 512,
+                cancel: threading.Event | None = None) -> bool:
+        """Run `tokens` through `model` into these caches, `step_size` at a time so activations stay bounded.
+
+        Returns False if `cancel` was set between two chunks (a long prompt can take minutes on a CPU); the caches
+        then hold the chunks done so far, and `tokens` says which.
+        """
+        for start in range(0, len(tokens), step_size):
+            if cancel is not None and cancel.is_set():
+                return False
+            mx.eval(self.run_chunk(model, tokens[start : start + step_size]))
+        return True
 
     def reuse(self, prompt: list[int]) -> list[int]:
         """Trim the caches back to the longest prefix they share with `prompt`; return the tokens to prefill.

@@ -13,7 +13,7 @@ Three properties of MLX's CPU build decide how fast a quantized Qwen runs there:
   side (1.9x for a decode step on 2 cores). Every output row is computed exactly as without the split.
 - Its attention materializes the scores (heads x queries x keys, in float32 here), and lazy evaluation may keep a
   whole prompt's MLP intermediates alive at once. A long prompt's attention and MLP therefore run a few tokens at
-  a time, in order (`model.in_order`): half the activation memory of a 512-token prefill, at the same speed.
+  a time, in order (`in_order`): half the activation memory of a 512-token prefill, at the same speed.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,10 +25,8 @@ from qwen_mlx.cache import PromptCache, RowsCache
 from qwen_mlx.grammar import GrammarMask
 from qwen_mlx.request import GenerationRequest
 from qwen_mlx.sample import LogitsProcessor, RepetitionPenalty, Sampler
+from qwen_mlx.speculative import accept_drafts, make_speculation
 from qwen_mlx.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from qwen_mlx.speculative import Speculation
 
 
 @dataclass
@@ -73,13 +71,14 @@ class Sequence:
     """One request in the token loop: its cache, where it stands, and how it picks its tokens."""
 
     def __init__(self, request: GenerationRequest, cache: PromptCache, processors: list[LogitsProcessor],
-                 cancel: threading.Event | None = None, speculation: Speculation | None = None):
+                 vocab_size: int, cancel: threading.Event | None = None):
         self.request = request
         self.cache = cache
         self.processors = processors
         self.sampler = Sampler(request.sampling, request.seed)
         self.cancel = cancel or threading.Event()
-        self.speculation = speculation
+        self.speculation = None if request.speculation is None else make_speculation(
+            request.speculation, cache, request.sampling, request.seed, vocab_size, request.prefill_step_size)
         self.context = list(request.prompt_ids)  # prompt + reply so far: what the processors see
         todo = cache.reuse(request.prompt_ids)
         self.prefilled_tokens = len(todo)  # prompt tokens computed here; the rest came from the cache
@@ -121,27 +120,6 @@ def token_logprobs(logits: mx.array, token: mx.array, top: int) -> tuple[mx.arra
     return chosen, mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
 
 
-def run_chunk(model: nn.Module, tokens: list[int], prompt_cache: PromptCache) -> list[mx.array]:
-    """Run `tokens` through the model into the cache (nothing evaluated yet); the cache arrays to evaluate."""
-    model(mx.array(tokens)[None], cache=prompt_cache.caches)
-    prompt_cache.tokens += tokens
-    return [a for c in prompt_cache.caches for a in c.state()[0].values()]
-
-
-def prefill(model: nn.Module, tokens: list[int], prompt_cache: PromptCache, step_size: int = 512,
-            cancel: threading.Event | None = None) -> bool:
-    """Run `tokens` through the model into the cache, `step_size` at a time so activations stay bounded.
-
-    Returns False if `cancel` was set between two chunks (a long prompt can take minutes on a CPU); the cache then
-    holds the chunks done so far, and `prompt_cache.tokens` says which.
-    """
-    for start in range(0, len(tokens), step_size):
-        if cancel is not None and cancel.is_set():
-            return False
-        mx.eval(run_chunk(model, tokens[start : start + step_size], prompt_cache))
-    return True
-
-
 def read_token(arrays: tuple[mx.array, ...], row: int = 0, drafted: bool = False) -> Token:
     """Row `row` of a step's (token, logprob, top ids, top logprobs) arrays, evaluated, as a Token."""
     token = Token(arrays[0][row].item(), drafted=drafted)
@@ -151,6 +129,59 @@ def read_token(arrays: tuple[mx.array, ...], row: int = 0, drafted: bool = False
         # Tokens a grammar rules out have probability 0: they are not among the likeliest.
         token.top_logprobs = [(t, v) for t, v in top if v != -math.inf]
     return token
+
+
+def speculative_round(model: nn.Module, s: Sequence, context_length: int, eos: set[int]) -> list[Token] | None:
+    """Draft, verify in one forward pass, and return the tokens that stand (the accepted drafts and the model's
+    next token), with the caches trimmed back to them; None when no draft is worth verifying now."""
+    spec = s.speculation
+    k = min(spec.draft_length(), s.remaining(context_length) - 1)
+    if k <= 0:
+        return None
+    started = time.perf_counter()
+    draft = spec.propose(s.context, len(s.request.prompt_ids), k)
+    if draft is None:
+        return None
+    drafts = allowed_drafts(s, draft.tokens[:k], eos)
+    if not drafts:
+        return None
+    feed = s.feed + drafts
+    logits = model(mx.array(feed)[None], cache=s.cache.caches)[0]
+    s.cache.tokens += feed
+    rows = []
+    for i in range(len(feed)):
+        row = logits[i : i + 1]
+        for processor in s.processors:
+            row = processor(s.context + drafts[:i], row)
+        rows.append(row)
+    processed = mx.concatenate(rows)
+    q = draft.probs[: len(drafts)] if draft.probs is not None else None
+    n, bonus = accept_drafts(s.sampler.probabilities(processed), q, drafts, s.sampler)
+    s.cache.trim(len(drafts) - n)
+    emitted = drafts[:n] + [bonus]
+    if s.request.logprobs is not None:
+        arrays = (mx.array(emitted), *token_logprobs(processed[: n + 1], mx.array(emitted), s.request.logprobs))
+        mx.eval(arrays)
+        tokens = [read_token(arrays, i, drafted=i < n) for i in range(n + 1)]
+    else:
+        tokens = [Token(t, drafted=i < n) for i, t in enumerate(emitted)]
+    s.counters.passes += 1
+    s.counters.drafted += len(drafts)
+    s.counters.accepted += n
+    spec.round_done(len(drafts), n, time.perf_counter() - started - draft.setup_seconds)
+    return tokens
+
+
+def allowed_drafts(s: Sequence, drafts: list[int], eos: set[int]) -> list[int]:
+    """The drafts cut after an end-of-turn id (the reply would end there) and where a processor (a grammar) rules
+    a token out."""
+    end = next((i for i, t in enumerate(drafts) if t in eos), None)
+    drafts = drafts if end is None else drafts[: end + 1]
+    for processor in s.processors:
+        allowed = getattr(processor, "allowed_draft", None)
+        if allowed is not None:
+            drafts = drafts[: allowed(s.context, drafts)]
+    return drafts
 
 
 @dataclass
@@ -163,10 +194,9 @@ class Decoder:
     passes: int = 0  # batched forward passes that produced tokens, over all sequences
     _prefill_in_flight: list[mx.array] = field(default_factory=list)
 
-    def add(self, request: GenerationRequest, cache: PromptCache, cancel: threading.Event | None = None,
-            speculation: Speculation | None = None) -> Sequence:
-        processors = make_processors(request, self.tokenizer, self.model.config.vocab_size)
-        sequence = Sequence(request, cache, processors, cancel, speculation)
+    def add(self, request: GenerationRequest, cache: PromptCache, cancel: threading.Event | None = None) -> Sequence:
+        vocab = self.model.config.vocab_size
+        sequence = Sequence(request, cache, make_processors(request, self.tokenizer, vocab), vocab, cancel)
         self.sequences.append(sequence)
         return sequence
 
@@ -211,12 +241,15 @@ class Decoder:
     def _read(self) -> list[Event]:
         in_flight = [s for s in self.sequences if s.pending is not None]
         mx.eval([a for s in in_flight for a in s.pending])
+        alone = len(self.sequences) == 1  # no other sequence shares its steps: a clean timing of one step
         events = []
         for s in in_flight:
             arrays, s.pending = s.pending, None
             if s.cancelled:  # stopped while its token was being computed: that token is dropped
                 events.append(self.finish(s, "cancelled"))
                 continue
+            if alone and s.speculation is not None:
+                s.speculation.plain_token(time.perf_counter())
             events += self.accept(s, [read_token(arrays)])
         return events
 
@@ -262,10 +295,9 @@ class Decoder:
         return self.finish(sequence, "error")
 
     def _speculate(self, s: Sequence) -> list[Event]:
-        from qwen_mlx.speculative import speculative_round
-
         try:
-            tokens = speculative_round(self.model, s, self.tokenizer.eos_token_ids)
+            tokens = speculative_round(self.model, s, self.model.config.context_length,
+                                       set(self.tokenizer.eos_token_ids))
         except Exception as e:
             return [self.fail(s, e)]
         if tokens is None:  # nothing worth verifying: a plain step
@@ -282,6 +314,6 @@ class Decoder:
             return [self.finish(joining, "cancelled")]
         chunk = joining.todo[: joining.request.prefill_step_size]
         joining.todo = joining.todo[len(chunk) :]
-        self._prefill_in_flight = run_chunk(self.model, chunk, joining.cache)
+        self._prefill_in_flight = joining.cache.run_chunk(self.model, chunk)
         mx.async_eval(self._prefill_in_flight)
         return []

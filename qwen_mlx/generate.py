@@ -186,7 +186,11 @@ def stream_generate(
       `qwen_mlx.grammar.tool_call_grammar`);
     - `logprobs=k`: each token's log-probability and the k likeliest;
     - the KV cache: `max_kv_size` + `keep` (rotating), `kv_bits` + `kv_group_size` (quantized);
-      `prefill_step_size` prompt tokens per forward pass.
+      `prefill_step_size` prompt tokens per forward pass;
+    - speculative decoding (exact: greedy replies are token for token the plain ones): `draft_model` (what
+      `load_draft` returns), `prompt_lookup=N` (up to N tokens copied from the context), `prediction` (the
+      expected reply as text or token ids, as OpenAI's Predicted Outputs), `num_draft_tokens` (default 4) a
+      round.
 
     Generation ends at an end-of-turn id, a stop string, `max_tokens` or the context's end, or when `cancel` is
     set. With `prompt_cache`, the longest prefix it shares with this prompt is reused and the cache is left

@@ -18,13 +18,27 @@ from qwen_mlx.cache import CacheSettings
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.grammar import check_grammar, output_grammar
 from qwen_mlx.sample import SamplingParams
+from qwen_mlx.speculative import DraftModel, check_draft_tokenizer
 from qwen_mlx.tokenizer import Tokenizer
 
 MAX_TOKENS_LIMIT = 8192  # Qwen2.5's generation limit (model card)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+MAX_DRAFT_TOKENS = 16  # on Apple silicon a pass over up to ~16 tokens costs about one pass
+DEFAULT_DRAFT_TOKENS = 4  # benchmarks/bench_speculative.py: the most tokens per pass where drafts are right
 ROLES = ("system", "user", "assistant", "tool")
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class SpeculationSettings:
+    """Where speculative decoding takes its drafts: a `prediction` of the reply, `prompt_lookup` (up to that many
+    tokens copied from the context) and/or a `draft` model, each verifying up to `num_draft_tokens` a round."""
+
+    draft: DraftModel | None = None
+    prompt_lookup: int | None = None
+    prediction: tuple[int, ...] | None = None
+    num_draft_tokens: int = DEFAULT_DRAFT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class GenerationRequest:
     tools: list[dict[str, Any]] | None = None  # the reply's <tool_call> blocks are parsed when given
     prefill_step_size: int = 512
     cache: CacheSettings = field(default_factory=CacheSettings)
+    speculation: SpeculationSettings | None = None
 
 
 def is_int(value: Any) -> bool:
@@ -78,6 +93,10 @@ def prepare_request(
     response_format: dict[str, Any] | None = None,
     grammar: str | None = None,
     logprobs: int | None = None,
+    draft_model: Any = None,
+    num_draft_tokens: int | None = None,
+    prompt_lookup: int | None = None,
+    prediction: str | Sequence[int] | None = None,
 ) -> GenerationRequest:
     """Check every argument of `stream_generate` and encode the prompt (see there for what they mean).
 
@@ -106,10 +125,40 @@ def prepare_request(
     constraint = output_grammar(json_schema, response_format, grammar)
     if constraint is not None:
         check_grammar(tokenizer, model.config.vocab_size, constraint)
+    speculation = speculation_settings(tokenizer, draft_model, num_draft_tokens, prompt_lookup, prediction)
+    if speculation is not None and cache.rotating:
+        raise QwenMLXError("speculative decoding needs a KV cache it can rewind, and a rotating one (max_kv_size, "
+                           "--max-kv-size) cannot be once it wraps: drop one of the two", "max_kv_size")
     return GenerationRequest(
         prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stops,
         grammar=constraint, logprobs=logprobs, tools=tools or None, prefill_step_size=prefill_step_size, cache=cache,
+        speculation=speculation,
     )
+
+
+def speculation_settings(tokenizer: Tokenizer, draft_model: Any, num_draft_tokens: int | None,
+                         prompt_lookup: int | None,
+                         prediction: str | Sequence[int] | None) -> SpeculationSettings | None:
+    """The request's draft sources, checked (None: plain decoding)."""
+    if num_draft_tokens is not None:
+        check_int("num_draft_tokens", num_draft_tokens, 1, MAX_DRAFT_TOKENS)
+    if prompt_lookup is not None:
+        check_int("prompt_lookup", prompt_lookup, 1, MAX_DRAFT_TOKENS)
+    if isinstance(prediction, str):
+        predicted = tuple(tokenizer.encode(prediction)) if prediction else None
+    elif isinstance(prediction, Sequence) and all(is_int(t) for t in prediction):
+        predicted = tuple(prediction) or None
+    elif prediction is None:
+        predicted = None
+    else:
+        raise QwenMLXError(f"prediction must be the expected reply (a string, or its token ids), not "
+                           f"{type(prediction).__name__}", "prediction")
+    draft = DraftModel.of(draft_model) if draft_model is not None else None
+    if draft is not None:
+        check_draft_tokenizer(draft.tokenizer, tokenizer)
+    if draft is None and prompt_lookup is None and predicted is None:
+        return None
+    return SpeculationSettings(draft, prompt_lookup, predicted, num_draft_tokens or DEFAULT_DRAFT_TOKENS)
 
 
 def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:

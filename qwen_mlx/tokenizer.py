@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -163,6 +164,12 @@ class Tokenizer:
             pos = match.end()
         ids += self.encode(reveal(rendered[pos:]))
         return ids
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of the vocabulary and its added tokens: equal for tokenizers that give text the same ids."""
+        vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items())
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
     @cached_property
     def token_bytes(self) -> list[bytes]:

@@ -11,7 +11,6 @@ from typing import Any
 from qwen_mlx.cache import PromptCache, save_prompt_cache
 from qwen_mlx.commands.flags import add_cache_arguments, add_model_argument, cache_settings
 from qwen_mlx.commands.terminal import load_with_status, model_shape
-from qwen_mlx.decode import prefill
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
     prompt_cache = PromptCache.new(model, settings)
-    prefill(model, ids, prompt_cache, step_size=512)
+    prompt_cache.prefill(model, ids)
     meta = {"model": args.model, "model_shape": model_shape(model), "messages": json.dumps(messages)}
     save_prompt_cache(args.output, prompt_cache, meta)
     print(f"Saved {len(ids)} tokens of prompt cache to {args.output} ({prompt_cache.nbytes / 1e6:.1f} MB)",
