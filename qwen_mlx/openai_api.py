@@ -28,7 +28,7 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "stop", "n", "user", "presence_penalty",
                  "frequency_penalty", "logit_bias", "response_format", "logprobs", *SAMPLING_FIELDS}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                               "parallel_tool_calls"}
+                               "parallel_tool_calls", "prediction"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"}
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP = 4  # OpenAI's limit
@@ -55,6 +55,7 @@ class ServedModel:
     id: str
     model: nn.Module
     tokenizer: Tokenizer
+    options: dict[str, Any] = field(default_factory=dict)  # the server's own (a draft model, prompt lookup)
 
     @property
     def context_length(self) -> int:
@@ -113,6 +114,8 @@ def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     if logprobs:
         options["logprobs"] = top or 0
+    if "prediction" in body:
+        options["prediction"] = _prediction(body["prediction"])
     try:
         ids = served.tokenizer.apply_chat_template(
             messages, tools=tools if choice != "none" else None, add_generation_prompt=True, tokenize=True
@@ -157,7 +160,7 @@ def _prepare(served: ServedModel, ids: list[int], options: dict[str, Any], max_t
     """The library's checked request; its errors name OpenAI's parameter (`params` maps the library's names)."""
     options["max_tokens"] = _max_tokens(len(ids), max_tokens, max_name, served.context_length)
     try:
-        return prepare_request(served.model, served.tokenizer, ids, **options)
+        return prepare_request(served.model, served.tokenizer, ids, **{**served.options, **options})
     except QwenMLXError as e:
         field_name = {"max_tokens": max_name, **params}.get(e.field, e.field)
         raise APIError(400, str(e), field_name) from None
@@ -215,6 +218,18 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
     if "response_format" in body:
         options["response_format"] = body["response_format"]
     return options
+
+
+def _prediction(prediction: Any) -> str:
+    """OpenAI's Predicted Outputs, `{"type": "content", "content": text or text parts}`, as the expected text."""
+    content = prediction.get("content") if isinstance(prediction, dict) and prediction.get("type") == "content" \
+        else None
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise APIError(400, "prediction must be {'type': 'content', 'content': 'the expected reply'}", "prediction")
+    return content
 
 
 def _named_tool(choice: Any) -> str | None:
@@ -317,11 +332,16 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 
 def usage(stats: GenerationStats) -> dict[str, Any]:
+    """OpenAI's usage; accepted / rejected prediction tokens count the drafts of any speculation source."""
     return {
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.generation_tokens,
         "total_tokens": stats.prompt_tokens + stats.generation_tokens,
         "prompt_tokens_details": {"cached_tokens": stats.prompt_tokens - stats.prefilled_tokens},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": stats.accepted_draft_tokens,
+            "rejected_prediction_tokens": stats.draft_tokens - stats.accepted_draft_tokens,
+        },
     }
 
 

@@ -50,7 +50,7 @@ def build_app(
             raise APIError(503, "the model is still loading; retry shortly", kind="server_error", code="loading")
         if worker.load_error is not None:
             raise APIError(500, str(worker.load_error), kind="server_error")
-        return ServedModel(model_id, worker.model, worker.tokenizer)
+        return ServedModel(model_id, worker.model, worker.tokenizer, worker.options)
 
     def check_key(request: HTTPRequest) -> None:
         if api_key is None:

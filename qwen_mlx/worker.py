@@ -32,6 +32,7 @@ from qwen_mlx.decode import Sequence as TokenSequence
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk, ReplyText, text_chunks
 from qwen_mlx.request import GenerationRequest, Prompt, prepare_request
+from qwen_mlx.speculative import DraftModel
 from qwen_mlx.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,14 @@ class ModelWorker:
         max_batch: int = 1,
         max_sessions: int = 4,
         max_queue: int | None = None,
+        options: dict[str, Any] | None = None,
+        load_draft: Callable[[Tokenizer], DraftModel] | None = None,
         on_status: Callable[[str], None] | None = None,
     ):
         self.cache_settings = cache or CacheSettings()
+        # `stream_generate` options every request gets unless it gives its own (a server's draft model, say)
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        self._load_draft = load_draft
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.waiting = 0  # submitted jobs not yet decoding
@@ -206,7 +212,7 @@ class ModelWorker:
         try:
             if self.load_error is not None:
                 raise self.load_error
-            request = prepare_request(self.model, self.tokenizer, prompt, **options)
+            request = prepare_request(self.model, self.tokenizer, prompt, **{**self.options, **options})
         except QwenMLXError as e:
             job = Job(session, None, notify=notify)
             job.put(e)
@@ -258,6 +264,9 @@ class ModelWorker:
             self._on_status("loading the model")
             try:
                 self.model, self.tokenizer = self._load()
+                if self._load_draft is not None:
+                    self._on_status("loading the draft model")
+                    self.options["draft_model"] = self._load_draft(self.tokenizer)
                 self._on_status("ready")
             except Exception as e:  # any failure is reported to every request, the thread lives on
                 self.load_error = e if isinstance(e, QwenMLXError) else QwenMLXError(f"the model failed to load: {e}")

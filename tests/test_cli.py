@@ -82,3 +82,25 @@ def test_generate_with_a_quantized_kv_cache(tmp_path: Path) -> None:
                           "--max-tokens", "6", "--temp", "0")
     assert result.returncode == 0, result.stderr
     assert "generation: 6 tokens" in result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--prompt-lookup", "4"], ["--draft-model", "{folder}", "--num-draft-tokens", "3"]])
+def test_speculative_decoding_flags_print_the_same_reply(folder: Path, flags: list[str]) -> None:
+    args = ["generate", "--model", str(folder), "--prompt", "Hello", "--max-tokens", "16", "--temp", "0"]
+    plain = qwen_mlx_cli(*args)
+    fast = qwen_mlx_cli(*args, *[f.format(folder=folder) for f in flags])
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+    assert "drafts accepted" in fast.stderr or "--prompt-lookup" in flags
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--num-draft-tokens", "3"], "needs a draft source"),
+    (["--prompt-lookup", "0"], "prompt_lookup 0"),
+    (["--prompt-lookup", "3", "--max-kv-size", "64"], "drop --max-kv-size"),
+    (["--draft-model", "/no/such/draft"], "/no/such/draft"),
+])
+def test_bad_speculation_flags_are_one_line_errors(folder: Path, flags: list[str], message: str) -> None:
+    result = qwen_mlx_cli("generate", "--model", str(folder), "--prompt", "x", *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]

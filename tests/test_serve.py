@@ -474,3 +474,57 @@ def test_shutdown_while_a_client_streams_ends_promptly_with_exit_0(model_dir: Pa
     finally:
         stop_server(process)
     thread.join(10)
+
+
+# --- speculative decoding ---
+
+
+def test_predicted_outputs_leave_the_reply_as_it_is_and_count_the_drafts(client: openai.OpenAI,
+                                                                         model_dir: Path) -> None:
+    """OpenAI's `prediction`: a greedy reply is unchanged, and with a seed the usage counts are the library's own
+    (accepted + rejected = drafted)."""
+    import qwen_mlx
+
+    plain = client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=24, temperature=0)
+    text = plain.choices[0].message.content
+    predicted = client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=24, temperature=0,
+                                               prediction={"type": "content", "content": text})
+    assert predicted.choices[0].message.content == text
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens >= details.accepted_prediction_tokens
+
+    model, tokenizer = qwen_mlx.load(model_dir)
+    half = text[: len(text) // 2] + "something else entirely"
+    sampled = client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=24, temperature=1.0, seed=9,
+                                             prediction={"type": "content", "content": [{"type": "text",
+                                                                                         "text": half}]})
+    expected = qwen_mlx.generate(model, tokenizer, USER, max_tokens=24, temperature=1.0, seed=9, prediction=half)
+    assert sampled.choices[0].message.content == expected.text
+    details = sampled.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens == expected.stats.accepted_draft_tokens
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens == expected.stats.draft_tokens
+    assert plain.usage.completion_tokens_details.rejected_prediction_tokens == 0
+
+
+def test_a_server_side_draft_source_changes_no_reply(model_dir: Path, client: openai.OpenAI,
+                                                     tmp_path: Path) -> None:
+    process, url = serve(model_dir, tmp_path, "--prompt-lookup", "3", "--draft-model", str(model_dir))
+    try:
+        fast = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        for messages in (USER, [{"role": "user", "content": "Say it again: tick tock tick tock tick tock"}]):
+            expected = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24,
+                                                      temperature=0)
+            reply = fast.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=24, temperature=0)
+            assert reply.choices[0].message.content == expected.choices[0].message.content
+            details = reply.usage.completion_tokens_details
+            assert details.accepted_prediction_tokens <= reply.usage.completion_tokens
+    finally:
+        stop_server(process)
+
+
+@pytest.mark.parametrize("prediction", [{"type": "content"}, {"type": "image", "content": "x"}, "text"])
+def test_a_malformed_prediction_is_a_400(client: openai.OpenAI, prediction: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=2, prediction=prediction)
+    assert error.value.body["param"] == "prediction"

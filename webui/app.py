@@ -98,6 +98,9 @@ def stats_line(stats: dict[str, Any]) -> str:
             # "context_size": conversations saved before the field was named context_length
             f"context {stats['context_tokens']} / {stats.get('context_length', stats.get('context_size'))}",
         ]
+        if stats.get("draft_tokens"):
+            accepted, drafted = stats["accepted_draft_tokens"], stats["draft_tokens"]
+            parts.append(f"drafts accepted {accepted}/{drafted} ({100 * accepted / drafted:.0f}%)")
     if stats.get("finish_reason") in FINISH_NOTES:
         parts.append(FINISH_NOTES[stats["finish_reason"]])
     return " · ".join(parts)

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from qwen_mlx.commands.flags import add_model_argument, add_sampling_arguments, cache_settings
-from qwen_mlx.commands.terminal import load_with_status, print_stats, start_messages, stream_reply
+from qwen_mlx.commands.flags import add_model_argument, add_sampling_arguments
+from qwen_mlx.commands.terminal import load_for_replies, print_stats, start_messages, stream_reply
 from qwen_mlx.errors import QwenMLXError
 
 
@@ -23,8 +23,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    cache_settings(args)
-    model, tokenizer = load_with_status(args.model)
+    model, tokenizer, draft = load_for_replies(args)
     prompt_cache, start = start_messages(args, model)
     messages = list(start)
     print("Chat with the model. /clear starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply, stats = stream_reply(model, tokenizer, messages, args, prompt_cache)
+            reply, stats = stream_reply(model, tokenizer, messages, args, prompt_cache, draft)
         except KeyboardInterrupt:
             # Ctrl-C stops this reply, not the chat; the half reply is dropped from the conversation.
             print("\n[stopped]", file=sys.stderr)

@@ -16,6 +16,8 @@ from qwen_mlx.demo import demo_model_folder
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
 from qwen_mlx.load import DEFAULT_MODEL, load
+from qwen_mlx.request import DEFAULT_DRAFT_TOKENS, speculation_settings
+from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
 from qwen_mlx.worker import ModelWorker, slowed_for_tests
 
@@ -44,6 +46,33 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="makes sampling reproducible")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
     add_cache_arguments(group)
+    add_speculation_arguments(parser)
+
+
+def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speculative decoding (exact: greedy replies are the plain ones)")
+    group.add_argument("--draft-model", metavar="MODEL",
+                       help="a small model with the same tokenizer that drafts tokens (e.g. "
+                            "mlx-community/Qwen2.5-0.5B-Instruct-4bit for the 7B)")
+    group.add_argument("--num-draft-tokens", type=int,
+                       help=f"most draft tokens verified per forward pass (default {DEFAULT_DRAFT_TOKENS})")
+    group.add_argument("--prompt-lookup", type=int, metavar="N",
+                       help="draft up to N tokens by copying what followed the last words earlier in the context")
+
+
+def speculation_options(args: argparse.Namespace, draft: DraftModel | None) -> dict[str, Any]:
+    """`stream_generate`'s speculation keyword arguments from the flags (and the draft model they loaded)."""
+    return {"draft_model": draft, "num_draft_tokens": args.num_draft_tokens, "prompt_lookup": args.prompt_lookup}
+
+
+def check_speculation_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad speculation flags before any model is loaded."""
+    speculation_settings(None, None, args.num_draft_tokens, args.prompt_lookup, None)
+    if args.num_draft_tokens is not None and args.draft_model is None and args.prompt_lookup is None:
+        raise QwenMLXError("--num-draft-tokens needs a draft source: --draft-model or --prompt-lookup")
+    if (args.draft_model or args.prompt_lookup) and args.max_kv_size is not None:
+        raise QwenMLXError("speculative decoding (--draft-model, --prompt-lookup) needs a KV cache it can rewind; "
+                           "drop --max-kv-size")
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,8 +110,9 @@ def cache_options(settings: CacheSettings) -> dict[str, Any]:
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, port: int, max_queue: int) -> None:
-    """What `serve` and `webui` share: the model (or --demo), address, port, KV cache, queue and batch."""
+    """What `serve` and `webui` share: the model (or --demo), address, port, KV cache, queue, batch, drafts."""
     add_model_argument(parser, demo=True)
+    add_speculation_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=port, help=f"port (default {port})")
@@ -97,6 +127,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int, max_queue: 
 def check_server_arguments(args: argparse.Namespace, guard_flag: str, guarded: bool) -> CacheSettings:
     """Check the shared server flags; warn when the server opens beyond this machine without `guard_flag`."""
     settings = cache_settings(args)
+    check_speculation_arguments(args)
     for flag, value in (("--max-queue", args.max_queue), ("--max-batch", args.max_batch)):
         if value < 1:
             raise QwenMLXError(f"{flag} {value} must be at least 1")
@@ -135,5 +166,9 @@ def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str) -> 
         model, tokenizer = load(demo_model_folder(data_home() / "models") if args.demo else args.model)
         return slowed_for_tests(model), tokenizer
 
+    def draft_for(tokenizer: Tokenizer) -> DraftModel:
+        return load_draft(args.draft_model, tokenizer)
+
     return ModelWorker(load_model, cache=cache, max_batch=args.max_batch, max_queue=args.max_queue,
+                       options=speculation_options(args, None), load_draft=draft_for if args.draft_model else None,
                        on_status=lambda status: print(f"qwen-mlx: {label}: {status}", file=sys.stderr, flush=True))

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from qwen_mlx.commands.flags import add_model_argument, add_sampling_arguments, cache_settings
-from qwen_mlx.commands.terminal import load_with_status, print_stats, start_messages, stream_reply
+from qwen_mlx.commands.flags import add_model_argument, add_sampling_arguments
+from qwen_mlx.commands.terminal import load_for_replies, print_stats, start_messages, stream_reply
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -22,11 +22,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    cache_settings(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load_with_status(args.model)
+    model, tokenizer, draft = load_for_replies(args)
     prompt_cache, messages = start_messages(args, model)
     messages.append({"role": "user", "content": prompt})
-    _, stats = stream_reply(model, tokenizer, messages, args, prompt_cache)
+    _, stats = stream_reply(model, tokenizer, messages, args, prompt_cache, draft)
     print_stats(stats)
     return 0

@@ -11,16 +11,36 @@ from typing import Any
 import mlx.nn as nn
 
 from qwen_mlx.cache import PromptCache, load_prompt_cache
-from qwen_mlx.commands.flags import cache_options, cache_settings, sampling_options
+from qwen_mlx.commands.flags import (
+    cache_options,
+    cache_settings,
+    check_speculation_arguments,
+    sampling_options,
+    speculation_options,
+)
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationStats, stream_generate
 from qwen_mlx.load import load
+from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
 
 
-def load_with_status(model: str) -> tuple[nn.Module, Tokenizer]:
-    print(f"Loading {model} ...", file=sys.stderr, flush=True)
-    return load(model)
+def load_with_status(name: str) -> tuple[nn.Module, Tokenizer]:
+    print(f"Loading {name} ...", file=sys.stderr, flush=True)
+    return load(name)
+
+
+def load_for_replies(args: argparse.Namespace) -> tuple[nn.Module, Tokenizer, DraftModel | None]:
+    """The model of --model and the draft model of --draft-model (checked against it), once the flags that need
+    no model are checked."""
+    cache_settings(args)
+    check_speculation_arguments(args)
+    model, tokenizer = load_with_status(args.model)
+    draft = None
+    if args.draft_model:
+        print(f"Loading the draft model {args.draft_model} ...", file=sys.stderr, flush=True)
+        draft = load_draft(args.draft_model, tokenizer)
+    return model, tokenizer, draft
 
 
 def print_stats(stats: GenerationStats) -> None:
@@ -62,11 +82,11 @@ def start_messages(args: argparse.Namespace, model: nn.Module) -> tuple[PromptCa
 
 
 def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict[str, Any]], args: argparse.Namespace,
-                 prompt_cache: PromptCache) -> tuple[str, GenerationStats]:
+                 prompt_cache: PromptCache, draft: DraftModel | None = None) -> tuple[str, GenerationStats]:
     """Print a reply as it streams; return its text and stats."""
     parts = []
     stats = None
-    options = {**sampling_options(args), **cache_options(cache_settings(args))}
+    options = {**sampling_options(args), **cache_options(cache_settings(args)), **speculation_options(args, draft)}
     for chunk in stream_generate(model, tokenizer, messages, prompt_cache=prompt_cache, **options):
         print(chunk.text, end="", flush=True)
         parts.append(chunk.text)
