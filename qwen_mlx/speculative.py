@@ -15,8 +15,9 @@ model's own; a guess that is not drawn from a distribution (lookup, prediction) 
 How many tokens to verify (`Speculation.draft_length`): on Apple silicon, where decoding is bound by memory
 bandwidth, a pass over k + 1 tokens costs about one pass; where matmuls are compute-bound (MLX's CPU build) it
 costs about k + 1. Each sequence measures what a plain step and a round cost here and how many of its drafts are
-accepted, then verifies the longest draft whose expected speed is at least `MIN_SPEED` of plain decoding's. When
-none is, it decodes plainly and tries a one-token draft every `PROBE_EVERY` tokens to notice when guesses improve.
+accepted, then verifies the longest draft whose expected speed is at least `MIN_SPEED` of plain decoding's. Its
+first round verifies one token, which measures a round's cost cheaply wherever it turns out high. When no length
+pays, it decodes plainly and tries a one-token draft every `PROBE_EVERY` tokens to notice when guesses improve.
 A seeded sampled reply must not depend on timings (where a round starts changes which random numbers decide
 which token), so there the cost stays at its prior and only the acceptance steers: the seed reproduces the reply
 on any machine. Greedy replies are the same however rounds fall.
@@ -179,6 +180,7 @@ class Speculation:
     acceptance: float = 0.8  # draft tokens accepted per draft token verified (prior, then measured)
     extra_cost: float = 0.1  # what each drafted token adds to a round, relative to one plain step (prior)
     step_seconds: float | None = None  # a plain decode step, measured
+    cost_measured: bool = False  # a round's cost has been measured (until then drafts are one token)
     plain_since_round: int = 0
     _last_plain_read: float | None = field(default=None, repr=False)
 
@@ -191,6 +193,8 @@ class Speculation:
         """How many drafts to verify next: 0 for a plain step."""
         if self.timed and self.step_seconds is None:
             return 0  # measure a plain step first
+        if self.timed and not self.cost_measured:
+            return 1
         worth = [k for k in range(1, self.max_draft + 1)
                  if self.expected_tokens(k) / (1 + self.extra_cost * k) >= MIN_SPEED]
         if worth:
@@ -214,7 +218,9 @@ class Speculation:
     def round_done(self, drafted: int, accepted: int, seconds: float) -> None:
         self.acceptance = smoothed(self.acceptance, accepted / drafted)
         if self.timed and self.step_seconds:
-            self.extra_cost = max(0.0, smoothed(self.extra_cost, (seconds / self.step_seconds - 1) / drafted))
+            cost = max(0.0, (seconds / self.step_seconds - 1) / drafted)
+            self.extra_cost = smoothed(self.extra_cost, cost) if self.cost_measured else cost
+            self.cost_measured = True
         self.plain_since_round = 0
         self._last_plain_read = None
 
