@@ -65,7 +65,8 @@ def build_app(
         return JSONResponse({
             "status": status, "model": model_id, "busy": worker.busy, "active": worker.active,
             "waiting": worker.waiting, "max_batch": worker.max_batch, "requests": counters["requests"],
-            "generated_tokens": worker.generated_tokens,
+            "generated_tokens": worker.generated_tokens, "decode_passes": worker.decode_passes,
+            "tokens_per_second": round(worker.tokens_per_second(), 2),
         }, status_code=200 if status != "error" else 500)
 
     async def models(request: HTTPRequest) -> Response:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ANONYMOUS = "\0anonymous:"  # session names of caches picked by prompt prefix; no user session starts with NUL
 CLOSE_TIMEOUT_S = 10.0  # `close` returns after this long even if the thread is stuck inside MLX
+RATE_WINDOW_S = 10.0  # aggregate tokens/s is measured over this many recent seconds
 
 Loader = Callable[[], tuple[nn.Module, Tokenizer]]
 
@@ -55,6 +56,7 @@ class Job:
     request: GenerationRequest | None  # None: it failed before it was queued (its error is the first item)
     cancelled: threading.Event = field(default_factory=threading.Event)
     chunks: queue.SimpleQueue[GenerationChunk | BaseException] = field(default_factory=queue.SimpleQueue)
+    started: threading.Event = field(default_factory=threading.Event)  # set once it has a row (it is decoding)
     done: threading.Event = field(default_factory=threading.Event)  # set once the last item is queued
     notify: Callable[[], None] | None = None  # called (on the worker's thread) after each item is queued
 
@@ -173,6 +175,7 @@ class ModelWorker:
         self.max_queue = max_queue
         self.waiting = 0  # submitted jobs not yet decoding
         self.generated_tokens = 0  # over all jobs, for monitoring
+        self._token_times: deque[float] = deque()  # when recent tokens were generated (`tokens_per_second`)
         self.model: nn.Module | None = None
         self.tokenizer: Tokenizer | None = None
         self.load_error: BaseException | None = None
@@ -185,6 +188,7 @@ class ModelWorker:
         self._queued: deque[Job] = deque()  # jobs waiting for a row
         self._running: dict[TokenSequence, Running] = {}
         self._idle_waiters: list[threading.Event] = []  # set once no job is running (`close`)
+        self._decoder: Decoder | None = None
         self._sessions = SessionCaches(max_sessions)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
@@ -202,6 +206,19 @@ class ModelWorker:
     def active(self) -> int:
         """Jobs decoding (or prefilling) now."""
         return len(self._running)
+
+    @property
+    def decode_passes(self) -> int:
+        """Forward passes that produced tokens so far: one batched pass serves every row decoding."""
+        return self._decoder.passes if self._decoder is not None else 0
+
+    def tokens_per_second(self) -> float:
+        """Tokens generated per second over all jobs, in the last `RATE_WINDOW_S` seconds."""
+        with self._lock:
+            since = time.monotonic() - RATE_WINDOW_S
+            while self._token_times and self._token_times[0] < since:
+                self._token_times.popleft()
+            return len(self._token_times) / RATE_WINDOW_S
 
     def submit(self, session: str | None, prompt: Prompt, *, notify: Callable[[], None] | None = None,
                **options: Any) -> Job:
@@ -274,9 +291,10 @@ class ModelWorker:
                 self._on_status(f"failed: {self.load_error}")
             self.loaded.set()
             decoder = Decoder(self.model, self.tokenizer) if self.model is not None else None
+            self._decoder = decoder
             while True:
                 try:
-                    self._take_inbox(block=not self._running)
+                    self._take_inbox(block=not self._running and not self._queued)
                     self._admit(decoder)
                     if self._running:
                         self._step(decoder)
@@ -334,6 +352,7 @@ class ModelWorker:
             return
         reply = ReplyText(self.tokenizer, sequence, self.model.config.context_length)
         self._running[sequence] = Running(job, session, sequence, reply)
+        job.started.set()
 
     def _step(self, decoder: Decoder) -> None:
         replies = {s: r.reply for s, r in self._running.items()}
@@ -348,6 +367,8 @@ class ModelWorker:
                 continue
             if chunk.token is not None:
                 self.generated_tokens += 1
+                with self._lock:
+                    self._token_times.append(time.monotonic())
             running.job.put(chunk)
             if chunk.finish_reason is not None:
                 self._stop(running)

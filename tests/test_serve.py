@@ -92,8 +92,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def slow_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Each model step sleeps 50 ms, so a client can leave mid-reply; one request may wait in the queue."""
-    process, url = serve(model_dir, tmp_path_factory.mktemp("logs"), "--max-queue", "1",
+    """Each model step sleeps 50 ms, so a client can leave mid-reply; one request runs, one may wait."""
+    process, url = serve(model_dir, tmp_path_factory.mktemp("logs"), "--max-queue", "1", "--max-batch", "1",
                          env={"QWEN_MLX_TOKEN_DELAY": "0.05"})
     yield url
     stop_server(process)
@@ -528,3 +528,87 @@ def test_a_malformed_prediction_is_a_400(client: openai.OpenAI, prediction: Any)
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=2, prediction=prediction)
     assert error.value.body["param"] == "prediction"
+
+
+# --- continuous batching ---
+
+
+@pytest.fixture(scope="module")
+def batch_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Four rows; each model step sleeps 20 ms, so streams overlap long enough to see it."""
+    process, url = serve(model_dir, tmp_path_factory.mktemp("logs"), "--max-batch", "4",
+                         env={"QWEN_MLX_TOKEN_DELAY": "0.02"})
+    yield url
+    stop_server(process)
+
+
+def test_concurrent_streams_are_decoded_together_each_as_alone(batch_server: str) -> None:
+    client = openai.OpenAI(base_url=f"{batch_server}/v1", api_key="none", max_retries=0, timeout=120)
+    requests: list[dict[str, Any]] = [
+        {"messages": USER, "max_tokens": 30},
+        {"messages": [{"role": "user", "content": "A much longer question about rivers, mills, bridges, old towns "
+                                                  "and the people who lived by them, asked at length."}],
+         "max_tokens": 40},
+        {"messages": [{"role": "user", "content": "Describe a person as JSON."}], "max_tokens": 200,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}},
+        {"messages": USER, "max_tokens": 30, "stop": ["e"]},
+    ]
+    alone = [client.chat.completions.create(model=MODEL_ID, temperature=0, **r).choices[0].message.content
+             for r in requests]
+    wait_idle(batch_server)
+    results: dict[int, dict[str, Any]] = {}
+
+    def stream(i: int) -> None:
+        start, first, parts = time.monotonic(), None, []
+        for chunk in client.chat.completions.create(model=MODEL_ID, temperature=0, stream=True, **requests[i]):
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text and first is None:
+                first = time.monotonic() - start
+            parts.append(text or "")
+        results[i] = {"text": "".join(parts), "first": first, "done": time.monotonic() - start}
+
+    def cancelled() -> None:
+        body = {"model": MODEL_ID, "messages": USER, "max_tokens": 500, "stream": True}
+        with httpx.stream("POST", f"{batch_server}/v1/chat/completions", json=body, timeout=60) as response:
+            for n, _ in enumerate(response.iter_lines()):
+                if n == 10:
+                    break  # leaves mid-reply: its row frees, the others go on
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(requests))]
+    threads.append(threading.Thread(target=cancelled))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, expected in enumerate(alone):
+        assert results[i]["text"] == expected, requests[i]
+    jsonschema.validate(json.loads(results[2]["text"]), PERSON)
+    # Every stream had its first token before any of them finished: they ran together, not one after another.
+    assert max(r["first"] for r in results.values()) < min(r["done"] for r in results.values())
+    state = wait_idle(batch_server)
+    assert state["max_batch"] == 4 and state["active"] == 0
+
+
+def test_health_reports_rows_waiting_requests_and_aggregate_speed(batch_server: str) -> None:
+    client = openai.OpenAI(base_url=f"{batch_server}/v1", api_key="none", max_retries=0, timeout=120)
+    seen: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append(health(batch_server))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=lambda: client.chat.completions.create(
+        model=MODEL_ID, messages=USER, max_tokens=20, temperature=0)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    watcher.join()
+    assert max(s["active"] for s in seen) == 4  # six requests, four rows ...
+    assert max(s["waiting"] for s in seen) >= 1  # ... the others wait for one
+    assert max(s["tokens_per_second"] for s in seen) > 0

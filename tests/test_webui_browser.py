@@ -101,3 +101,36 @@ def test_stream_stop_regenerate_and_find_the_conversation_after_reload_and_resta
         assert (tmp_path / "webui.png").stat().st_size > 10_000
     finally:
         stop_server(process)
+
+
+def test_two_users_see_their_replies_stream_at_the_same_time(model_and_home: tuple[Path, Path], browser: Any,
+                                                             tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    model, home = model_and_home
+    process, url = start_webui(model, tmp_path / "home", TOKEN_DELAY)
+    try:
+        # Two browser contexts: two users, each with their own storage and conversation.
+        pages = [browser.new_context(viewport={"width": 1200, "height": 800}).new_page() for _ in range(2)]
+        for i, page in enumerate(pages):
+            page.goto(url)
+            message = page.locator("#message textarea")
+            message.fill(f"Hello from user {i}")
+            message.press("Enter")
+        replies = [page.locator("#chatbot .message.bot").last for page in pages]
+        for page in pages:
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#chatbot .message.bot')].pop()?.innerText.length > 20")
+        before = [r.inner_text() for r in replies]
+        time.sleep(1.0)
+        after = [r.inner_text() for r in replies]
+        for b, a in zip(before, after, strict=True):
+            assert len(a) > len(b), "a reply stood still while the other streamed"
+        assert not any("stopped" in a or "max tokens" in a for a in after)
+        for page in pages:
+            page.locator("#stop").click()
+        for reply in replies:
+            expect(reply).to_contain_text("stopped", timeout=5000)
+        pages[0].screenshot(path=str(tmp_path / "two-users.png"))
+    finally:
+        stop_server(process)

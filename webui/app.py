@@ -43,9 +43,10 @@ CSS = """
 class LiveReply:
     """The assistant message that a Job's chunks write, at the end of a conversation."""
 
-    def __init__(self, conversation: Conversation, job: Job):
+    def __init__(self, conversation: Conversation, job: Job, worker: ModelWorker):
         self.conversation = conversation
         self.job = job
+        self.worker = worker
         self.message: dict[str, Any] = {"role": "assistant", "content": ""}
         conversation.messages.append(self.message)
         self.finished = False
@@ -53,7 +54,7 @@ class LiveReply:
 
     def pump(self, until: float) -> bool:
         """Take the chunks that arrive before `until` (time.monotonic) or the end; whether the text changed."""
-        changed = False
+        changed = self._show_waiting()
         while not self.finished:
             try:
                 chunk = self.job.get(timeout=max(0.0, until - time.monotonic()))
@@ -71,6 +72,19 @@ class LiveReply:
                 self.message["stats"] = {**stats, "finish_reason": chunk.finish_reason}
                 self.finished = changed = True
         return changed
+
+    def _show_waiting(self) -> bool:
+        """While every row is busy the reply says so (not saved: a placeholder, gone once the reply starts)."""
+        waiting = not self.job.started.is_set() and not self.job.done.is_set()
+        note = (f"waiting for a free row: the model is writing {self.worker.active} replies at once"
+                if waiting else None)
+        if note == self.message.get("waiting"):
+            return False
+        if note is None:
+            self.message.pop("waiting", None)
+        else:
+            self.message["waiting"] = note
+        return True
 
     def finish(self, store: ConversationStore) -> None:
         """Stop the reply once its handler is gone, take its last chunks and statistics, and save."""
@@ -114,7 +128,7 @@ def chat_messages(conversation: Conversation) -> list[dict[str, str]]:
         if m.get("error"):
             content = f"⚠️ **Error:** {content}"
         elif m["role"] == "assistant":
-            content = content or "…"
+            content = content or (f"⏳ {m['waiting']}" if m.get("waiting") else "…")
             if "stats" in m:
                 content += f'\n\n<div class="reply-stats">{stats_line(m["stats"])}</div>'
         shown.append({"role": m["role"], "content": content})
@@ -261,7 +275,7 @@ class ChatApp:
         """Generate a reply to the conversation's last message, yielding the page as it grows."""
         self.settle_orphans()
         job = self.worker.submit(conversation.id, prompt_messages(conversation, system_prompt), **options)
-        reply = self.replies[conversation.id] = LiveReply(conversation, job)
+        reply = self.replies[conversation.id] = LiveReply(conversation, job, self.worker)
         self.store.save(conversation)
         try:
             yield self.page(conversation, message_box="")
@@ -356,9 +370,10 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
 
         settings = [system_prompt, *sampling]
         page_outputs = [conversation, chatbot, message, conversations]
-        # As many replies at once as the worker decodes together; the others wait in Gradio's queue, their
-        # position shown.
-        model_queue = {"concurrency_limit": worker.max_batch, "concurrency_id": "model", "show_progress": "minimal"}
+        # Every request goes to the worker, which decodes up to --max-batch replies together and queues the rest
+        # (each then says it waits for a free row); Gradio's own queue holds only what exceeds that.
+        model_queue = {"concurrency_limit": worker.max_batch + (worker.max_queue or 0), "concurrency_id": "model",
+                       "show_progress": "minimal"}
         message.submit(app.send, [message, conversation, *settings], page_outputs, api_name="send", **model_queue)
         send.click(app.send, [message, conversation, *settings], page_outputs, api_visibility="private",
                    **model_queue)

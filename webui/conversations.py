@@ -62,8 +62,11 @@ class ConversationStore:
         conversation.updated = time.time()
         path = self._path(conversation.owner, conversation.id)
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(conversation)
+        # A reply's "waiting for a free row" note is for the page while it waits, not for the record.
+        data["messages"] = [{k: v for k, v in m.items() if k != "waiting"} for m in data["messages"]]
         with replaced_atomically(path) as tmp:
-            tmp.write_text(json.dumps(asdict(conversation), ensure_ascii=False), encoding="utf-8")
+            tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
     def load(self, owner: str, conversation_id: str) -> Conversation | None:
         try:
