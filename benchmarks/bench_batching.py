@@ -2,7 +2,7 @@
 default, `--decode-concurrency 32`), on one random-weight Qwen2.5-0.5B-shaped 4-bit model: aggregate tokens/s and
 each stream's time to first token, for 1, 2, 4 and 8 clients.
 
-    python benchmarks/bench_batching.py             # about 15 minutes on a 2-core Linux machine
+    python benchmarks/bench_batching.py             # about 5 minutes on a 2-core Linux machine
     python benchmarks/bench_batching.py --quick     # 1, 2 and 4 clients, 16 tokens each
 
     # On a Mac, the flagship:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -71,8 +72,10 @@ class Sequence:
     """One request in the token loop: its cache, where it stands, and how it picks its tokens."""
 
     def __init__(self, request: GenerationRequest, cache: PromptCache, processors: list[LogitsProcessor],
-                 vocab_size: int, cancel: threading.Event | None = None):
+                 vocab_size: int, cancel: threading.Event | None = None,
+                 on_prefill: Callable[[int, int], None] | None = None):
         self.request = request
+        self.on_prefill = on_prefill  # called with (prompt tokens computed, to compute) after each prefill chunk
         self.cache = cache
         self.processors = processors
         self.sampler = Sampler(request.sampling, request.seed)
@@ -194,9 +197,12 @@ class Decoder:
     passes: int = 0  # batched forward passes that produced tokens, over all sequences
     _prefill_in_flight: list[mx.array] = field(default_factory=list)
 
-    def add(self, request: GenerationRequest, cache: PromptCache, cancel: threading.Event | None = None) -> Sequence:
+    def add(self, request: GenerationRequest, cache: PromptCache, cancel: threading.Event | None = None,
+            on_prefill: Callable[[int, int], None] | None = None) -> Sequence:
+        """Start `request` in `cache`; `on_prefill(done, total)` hears how far its prompt's prefill has come."""
         vocab = self.model.config.vocab_size
-        sequence = Sequence(request, cache, make_processors(request, self.tokenizer, vocab), vocab, cancel)
+        sequence = Sequence(request, cache, make_processors(request, self.tokenizer, vocab), vocab, cancel,
+                            on_prefill)
         self.sequences.append(sequence)
         return sequence
 
@@ -316,4 +322,7 @@ class Decoder:
         joining.todo = joining.todo[len(chunk) :]
         self._prefill_in_flight = joining.cache.run_chunk(self.model, chunk)
         mx.async_eval(self._prefill_in_flight)
+        if joining.on_prefill is not None:
+            # The last prompt token is computed with the first decode step: count it as done then.
+            joining.on_prefill(joining.prefilled_tokens - len(joining.todo) - 1, joining.prefilled_tokens)
         return []

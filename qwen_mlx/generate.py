@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +171,7 @@ def stream_generate(
     *,
     prompt_cache: PromptCache | None = None,
     cancel: threading.Event | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> Iterator[GenerationChunk]:
     """Generate a reply, yielding text as it is decoded.
@@ -193,21 +194,22 @@ def stream_generate(
       round.
 
     Generation ends at an end-of-turn id, a stop string, `max_tokens` or the context's end, or when `cancel` is
-    set. With `prompt_cache`, the longest prefix it shares with this prompt is reused and the cache is left
-    holding the whole exchange.
+    set (also between two prefill chunks of a long prompt). With `prompt_cache`, the longest prefix it shares
+    with this prompt is reused and the cache is left holding the whole exchange. `on_prefill(done, total)` hears
+    how many of the prompt tokens to compute are done, after each prefill chunk (a progress bar for long prompts).
     """
     request = prepare_request(model, tokenizer, prompt, **options)
-    yield from run_request(model, tokenizer, request, prompt_cache, cancel)
+    yield from run_request(model, tokenizer, request, prompt_cache, cancel, on_prefill)
 
 
 def run_request(model: nn.Module, tokenizer: Tokenizer, request: GenerationRequest,
-                prompt_cache: PromptCache | None = None,
-                cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+                prompt_cache: PromptCache | None = None, cancel: threading.Event | None = None,
+                on_prefill: Callable[[int, int], None] | None = None) -> Iterator[GenerationChunk]:
     """`stream_generate` for a request already checked."""
     mx.reset_peak_memory()
     decoder = Decoder(model, tokenizer)
     cache = prompt_cache if prompt_cache is not None else PromptCache.new(model, request.cache)
-    sequence = decoder.add(request, cache, cancel)
+    sequence = decoder.add(request, cache, cancel, on_prefill)
     replies = {sequence: ReplyText(tokenizer, sequence, model.config.context_length)}
     while decoder.sequences:
         for _, chunk in text_chunks(decoder, replies):

@@ -57,6 +57,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     chunks: queue.SimpleQueue[GenerationChunk | BaseException] = field(default_factory=queue.SimpleQueue)
     started: threading.Event = field(default_factory=threading.Event)  # set once it has a row (it is decoding)
+    prefill: tuple[int, int] | None = None  # (prompt tokens computed, to compute) while its prompt is prefilled
     done: threading.Event = field(default_factory=threading.Event)  # set once the last item is queued
     notify: Callable[[], None] | None = None  # called (on the worker's thread) after each item is queued
 
@@ -345,7 +346,8 @@ class ModelWorker:
         session = self._sessions.checkout(job.session, request.prompt_ids,
                                           lambda: PromptCache.new(self.model, self.cache_settings))
         try:
-            sequence = decoder.add(request, self._sessions.caches[session], job.cancelled)
+            sequence = decoder.add(request, self._sessions.caches[session], job.cancelled,
+                                   on_prefill=lambda done, total: setattr(job, "prefill", (done, total)))
         except Exception as e:
             self._sessions.checkin(session, keep=False)
             self._end(job, e if isinstance(e, QwenMLXError) else QwenMLXError(f"generation failed: {e}"))

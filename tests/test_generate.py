@@ -212,3 +212,13 @@ def test_cancel_during_a_long_prompt_stops_between_prefill_chunks(tiny: tuple) -
     assert [c.finish_reason for c in chunks] == ["cancelled"]
     assert calls == 2
     assert prompt_cache.tokens == list(range(1, 33)) and prompt_cache.offset == 32
+
+
+def test_prefill_progress_is_reported_after_each_chunk(tiny: tuple) -> None:
+    model, tokenizer = tiny
+    seen: list[tuple[int, int]] = []
+    result = list(qwen_mlx.stream_generate(model, tokenizer, list(range(1, 101)), temperature=0, max_tokens=2,
+                                           prefill_step_size=32, on_prefill=lambda done, total: seen.append(
+                                               (done, total))))
+    assert seen == [(32, 100), (64, 100), (96, 100), (99, 100)]
+    assert result[-1].stats.prefilled_tokens == 100
