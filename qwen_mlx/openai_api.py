@@ -21,6 +21,7 @@ from qwen_mlx.chat import TOOL_CALL_CLOSE, CallPiece, ToolArgumentsStream, ToolC
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk, GenerationStats
 from qwen_mlx.grammar import tool_call_grammar
+from qwen_mlx.prefix_cache import ReplyMemory
 from qwen_mlx.request import (
     MAX_TOKENS_LIMIT,
     MAX_TOP_LOGPROBS,
@@ -63,6 +64,7 @@ class ServedModel:
     model: nn.Module
     tokenizer: Tokenizer
     options: dict[str, Any] = field(default_factory=dict)  # the server's own (a draft model, prompt lookup)
+    replies: ReplyMemory | None = None  # the ids recent replies were generated as (prompts match their cache)
 
     @property
     def context_length(self) -> int:
@@ -90,7 +92,7 @@ class APIRequest:
 
 def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
     body = _check_fields(body, CHAT_FIELDS)
-    messages = _messages(body.get("messages"))
+    messages = _messages(body.get("messages"), served.replies)
     tools = _tools(body.get("tools"))
     choice = body.get("tool_choice", "auto" if tools else "none")
     parallel = body.get("parallel_tool_calls", True)
@@ -260,8 +262,9 @@ def _named_tool(choice: Any) -> str | None:
     return None
 
 
-def _messages(messages: Any) -> list[dict[str, Any]]:
-    """OpenAI messages as Qwen's chat template expects them: text content, tool-call arguments as objects."""
+def _messages(messages: Any, replies: ReplyMemory | None = None) -> list[dict[str, Any]]:
+    """OpenAI messages as Qwen's chat template expects them: text content, tool-call arguments as objects, and
+    a reply this server generated with the ids it was generated as."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", "messages")
     out = []
@@ -277,6 +280,9 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
                 message["tool_calls"] = [_tool_call_in(c, i) for c in calls]
         if m.get("name") and m["role"] == "tool":
             message["name"] = m["name"]
+        generated = replies.ids_for(message["content"]) if replies and message["role"] == "assistant" else None
+        if generated:
+            message["token_ids"] = generated
         out.append(message)
     return out
 
@@ -383,11 +389,14 @@ class ResponseBuilder:
         self.calls: list[list[str]] = []  # [name, arguments' JSON text] per call
         self.logprobs: list[dict[str, Any]] = []
         self.text_offsets: list[int] = []  # where each token's text starts in the reply (/v1/completions)
+        self.tokens: list[int] = []  # the reply's ids, remembered for the conversation's next turn
         self.started = False
 
     def add(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
         """Stream payloads for one chunk (possibly none: text held back as a possible stop or tool markup)."""
         logprob = self._logprob(chunk) if chunk.token is not None and self.request.logprobs is not None else None
+        if chunk.token is not None:
+            self.tokens.append(chunk.token)
         return self._payloads(*self._split(chunk.text), logprob)
 
     def finish(self, last: GenerationChunk) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -397,6 +406,8 @@ class ResponseBuilder:
             more_text, more_calls = self._sorted(self.tools.finish())
             text, calls = text + more_text, calls + more_calls
         payloads = self._payloads(text, calls, None)
+        if self.request.chat and not self.calls and self.model.replies is not None:
+            self.model.replies.remember("".join(self.content), self.tokens)
         reason = "length" if last.finish_reason == "length" else "tool_calls" if self.calls else "stop"
         stats = last.stats or GenerationStats()
         if self.request.chat:

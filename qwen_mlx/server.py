@@ -19,7 +19,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import wraps
 from typing import Any
 
@@ -112,7 +112,7 @@ class Endpoints:
             raise APIError(503, "the model is still loading; retry shortly", kind="server_error", code="loading")
         if worker.load_error is not None:
             raise APIError(500, str(worker.load_error), kind="server_error")
-        return ServedModel(self.settings.model_id, worker.model, worker.tokenizer, worker.options)
+        return ServedModel(self.settings.model_id, worker.model, worker.tokenizer, worker.options, worker.replies)
 
     def check_key(self, request: HTTPRequest) -> None:
         key = self.settings.api_key
@@ -134,7 +134,7 @@ class Endpoints:
             "status": status, "model": self.settings.model_id, "busy": worker.busy, "active": worker.active,
             "waiting": worker.waiting, "max_batch": worker.max_batch, "requests": self.requests,
             "generated_tokens": worker.generated_tokens, "decode_passes": worker.decode_passes,
-            "tokens_per_second": round(worker.tokens_per_second(), 2),
+            "tokens_per_second": round(worker.tokens_per_second(), 2), "prefix_cache": asdict(worker.cache_stats()),
         }, status_code=200 if status != "error" else 500)
 
     async def models(self, request: HTTPRequest) -> Response:
