@@ -210,6 +210,10 @@ class PrefixCache:
             if entry is cache:
                 del self.entries[key]
 
+    def checkpoint(self, cache: PromptCache) -> None:
+        """Keep a copy of a live cache's state as it is now (a rotating cache at the end of its prompt)."""
+        self._add(copy_cache(cache, len(cache.tokens)))
+
     def release(self, cache: PromptCache) -> None:
         """A finished sequence's cache becomes an entry (the turn's checkpoint)."""
         if cache.tokens:

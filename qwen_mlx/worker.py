@@ -341,9 +341,16 @@ class ModelWorker:
         if not self._running:
             mx.reset_peak_memory()  # a reply's peak memory counts from when the model last went busy
         cache = self.prefixes.acquire(request.prompt_ids)
+
+        def on_prefill(done: int, total: int) -> None:
+            job.prefill = (done, total)
+            if done == total - 1 and not cache.is_trimmable():
+                # A rotating cache that wrapped in this prompt cannot be trimmed back to it later: keep the
+                # prompt's state as a checkpoint, so regenerating this turn does not rebuild it from nothing.
+                self.prefixes.checkpoint(cache)
+
         try:
-            sequence = decoder.add(request, cache, job.cancelled,
-                                   on_prefill=lambda done, total: setattr(job, "prefill", (done, total)))
+            sequence = decoder.add(request, cache, job.cancelled, on_prefill=on_prefill)
         except Exception as e:
             self._end(job, e if isinstance(e, QwenMLXError) else QwenMLXError(f"generation failed: {e}"))
             return

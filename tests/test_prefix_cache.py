@@ -262,3 +262,19 @@ def test_health_reports_the_prefix_cache(served_model: Path, home: Path, tmp_pat
         assert stats["hits"] == 1 and stats["misses"] == 1 and stats["ram_entries"] == 1 and stats["ram_bytes"] > 0
     finally:
         stop_server(process)
+
+
+def test_regenerating_a_first_turn_that_wrapped_the_rotating_cache_starts_from_its_prompt(
+    served_model: Path, tmp_path: Path
+) -> None:
+    prompt = [{"role": "user", "content": "tick tock " * 60}]  # past a 64-position window within the prompt
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_server(["serve", "--model", str(served_model), "--port", str(port), "--max-kv-size", "64"],
+                           f"{url}/health", tmp_path / "serve.log", env={"QWEN_MLX_HOME": str(tmp_path / "home")})
+    try:
+        first, again = chat(url, prompt), chat(url, prompt)
+        assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+    finally:
+        stop_server(process)
