@@ -6,16 +6,17 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import prepare_for_cpu
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model import Qwen2
+from qwen_mlx.parallel import Parallel, check_shardable, shard_model, start_group, weight_part
 from qwen_mlx.quantize import prepare_quantized
 from qwen_mlx.sample import SamplingParams
 from qwen_mlx.tokenizer import Tokenizer
-from qwen_mlx.weights import fingerprint, load_weights
+from qwen_mlx.weights import fingerprint, load_weights, read_tensor
 
 DEFAULT_MODEL = "mlx-community/Qwen2.5-7B-Instruct-4bit"
 
@@ -68,8 +69,10 @@ def _snapshot_download(repo_id: str) -> str:
         raise QwenMLXError(f"{repo_id}: download failed ({e}); check the connection, or pass a local folder") from None
 
 
-def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tuple[Qwen2, Path]:
-    """The Qwen2 model of a folder or repo id, with its weights checked against config.json."""
+def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False,
+               parallel: Parallel | None = None) -> tuple[Qwen2, Path]:
+    """The Qwen2 model of a folder or repo id, with its weights checked against config.json; with `parallel`,
+    only this rank's part of it (`parallel.shard_model`)."""
     folder = resolve_model_path(path_or_repo)
     config = ModelConfig.from_file(folder / "config.json")
     weights, origin = load_weights(folder)
@@ -99,6 +102,9 @@ def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tupl
             kind = "floating-point" if mx.issubdtype(expected[name].dtype, mx.floating) else "packed integer"
             raise QwenMLXError(f"{origin[name]}: {name} is {array.dtype} where {kind} weights belong; the file is "
                                "not a Qwen2 checkpoint of this config")
+    if parallel is not None:
+        load_part(model, expected, origin, parallel)
+        return model, folder
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())
@@ -106,12 +112,33 @@ def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tupl
     return model, folder
 
 
-def load(path_or_repo: str | os.PathLike[str] = DEFAULT_MODEL, lazy: bool = False) -> tuple[Qwen2, Tokenizer]:
+def load_part(model: Qwen2, expected: dict[str, mx.array], origin: dict[str, Path], parallel: Parallel) -> None:
+    """Shard `model` for this rank and read its slices of the weights, one tensor at a time."""
+    check_shardable(model.config, parallel)
+    parts = {name: weight_part(name, tuple(array.shape), model.config, parallel) for name, array in expected.items()}
+    shard_model(model, parallel)
+    local = {}
+    for name, part in parts.items():
+        if part is not None:
+            local[part.name] = read_tensor(origin[name], name, part.axis, part.start, part.stop, part.length)
+    model.update(tree_unflatten(list(local.items())))
+    model.eval()
+    # Every rank is ready before the first step, so a slow disk on one does not look like a lost peer.
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=parallel.group))
+
+
+def load(path_or_repo: str | os.PathLike[str] = DEFAULT_MODEL, lazy: bool = False,
+         parallel: Parallel | str | None = None) -> tuple[Qwen2, Tokenizer]:
     """Load a Qwen2 / Qwen2.5 model and its tokenizer from a local folder or a Hugging Face repo id.
+
+    With `parallel` ("tensor" or "pipeline", or a `parallel.Parallel`), a process started by `mlx.launch` loads
+    only its part of the model, to run it together with the others (see `qwen_mlx.parallel`).
 
     >>> model, tokenizer = load("mlx-community/Qwen2.5-7B-Instruct-4bit")
     """
-    model, folder = load_model(path_or_repo, lazy=lazy)
+    if isinstance(parallel, str):
+        parallel = start_group(parallel)
+    model, folder = load_model(path_or_repo, lazy=lazy, parallel=parallel)
     if model.config.quantization and mx.default_device().type == mx.DeviceType.cpu:
         prepare_for_cpu(model)
     return model, Tokenizer.from_folder(folder)

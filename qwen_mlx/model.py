@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,6 +14,9 @@ from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import in_order
 from qwen_mlx.rope import RoPE
 from qwen_mlx.sample import SamplingParams
+
+if TYPE_CHECKING:
+    from qwen_mlx.parallel import Stage
 
 
 class Attention(nn.Module):
@@ -33,6 +37,8 @@ class Attention(nn.Module):
         self.kv_dtype: mx.Dtype | None = None
         # Queries per pass of a causal attention over many tokens; None: all at once (see `cpu.in_order`).
         self.prefill_chunk: int | None = None
+        # Tensor parallel (`parallel.shard_model`): this rank holds some heads, and o_proj's partial sums add up.
+        self.group: mx.distributed.Group | None = None
 
     def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | None) -> mx.array:
         B, L, _ = x.shape
@@ -47,7 +53,7 @@ class Attention(nn.Module):
             # The cache stores keys already rotated, so positions keep counting up even after eviction.
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, query_chunk=self.prefill_chunk)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return all_sum(self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), self.group)
 
 
 class MLP(nn.Module):
@@ -58,14 +64,22 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
         # Tokens per pass over many tokens; None: all at once (see `cpu.in_order`).
         self.prefill_chunk: int | None = None
+        # Tensor parallel: this rank holds some of the hidden columns, and down_proj's partial sums add up.
+        self.group: mx.distributed.Group | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.prefill_chunk is not None and x.shape[1] > self.prefill_chunk:
-            return in_order(lambda s, e, wait: self.swiglu_mlp(wait(x[:, s:e])), x.shape[1], self.prefill_chunk, 1)
-        return self.swiglu_mlp(x)
+            out = in_order(lambda s, e, wait: self.swiglu_mlp(wait(x[:, s:e])), x.shape[1], self.prefill_chunk, 1)
+        else:
+            out = self.swiglu_mlp(x)
+        return all_sum(out, self.group)
 
     def swiglu_mlp(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def all_sum(x: mx.array, group: mx.distributed.Group | None) -> mx.array:
+    return x if group is None else mx.distributed.all_sum(x, group=group)
 
 
 @partial(mx.compile, shapeless=True)
@@ -95,6 +109,8 @@ class Qwen2Model(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # The dtype activations are computed in; None: the embedding's. See qwen_mlx.cpu for why it can differ.
         self.compute_dtype: mx.Dtype | None = None
+        # Pipeline parallel (`parallel.shard_model`): `layers` are this rank's stage, between the others'.
+        self.stage: Stage | None = None
 
     def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         h = self.embed_tokens(ids)
@@ -102,8 +118,12 @@ class Qwen2Model(nn.Module):
             h = h.astype(self.compute_dtype)
         cache = cache or [None] * len(self.layers)
         mask = attention_mask(h.shape[1], cache[0])
+        if self.stage is not None:
+            h = self.stage.receive(h)
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
+        if self.stage is not None:
+            h = self.stage.pass_on(h, cache[-1])
         return self.norm(h)
 
 

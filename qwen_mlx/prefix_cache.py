@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,8 +158,10 @@ def read_tokens(path: Path) -> tuple[int, ...] | None:
 class PrefixCache:
     """The process's KV caches by token prefix, for one model and cache setting (see the module's docstring)."""
 
-    def __init__(self, model: nn.Module, settings: CacheSettings, ram_bytes: int, disk: DiskTier | None = None):
+    def __init__(self, model: nn.Module, settings: CacheSettings, ram_bytes: int, disk: DiskTier | None = None,
+                 entry_bytes: Callable[[PromptCache], int] | None = None):
         self.model = model
+        self.entry_bytes = entry_bytes or (lambda cache: cache.nbytes)  # what an entry counts against ram_bytes
         self.settings = settings
         self.ram_bytes = ram_bytes
         self.disk = disk
@@ -231,7 +234,7 @@ class PrefixCache:
 
     def _evict(self, keep: int) -> None:
         """Least recently used entries out of RAM (to disk) until the rest fit; the newest, `keep`, stays."""
-        while len(self.entries) > 1 and sum(c.nbytes for c in self.entries.values()) > self.ram_bytes:
+        while len(self.entries) > 1 and sum(map(self.entry_bytes, self.entries.values())) > self.ram_bytes:
             oldest = next(k for k in self.entries if k != keep)
             cache = self.entries.pop(oldest)
             if self.disk is not None:

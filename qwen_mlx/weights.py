@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from tqdm import tqdm
 
 from qwen_mlx.config import read_json
@@ -104,6 +105,43 @@ def load_weights(folder: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
         weights.update(tensors)
         origin.update(dict.fromkeys(tensors, path))
     return weights, origin
+
+
+# safetensors dtype → (how numpy reads its bytes, the MLX dtype); numpy has no bfloat16, so its bits come as uint16.
+SAFETENSORS_DTYPES: dict[str, tuple[Any, mx.Dtype]] = {
+    "F32": (np.float32, mx.float32), "F16": (np.float16, mx.float16), "BF16": (np.uint16, mx.bfloat16),
+    "U32": (np.uint32, mx.uint32), "I32": (np.int32, mx.int32), "U8": (np.uint8, mx.uint8),
+    "I8": (np.int8, mx.int8), "U16": (np.uint16, mx.uint16), "I16": (np.int16, mx.int16),
+    "I64": (np.int64, mx.int64), "U64": (np.uint64, mx.uint64), "BOOL": (np.bool_, mx.bool_),
+}
+
+
+def read_tensor(path: Path, name: str, axis: int | None = None, start: int = 0, stop: int = 0,
+                length: int = 0) -> mx.array:
+    """Tensor `name` of a safetensors file, or only its `[start, stop)` along `axis` zero-padded to `length`.
+
+    The file is memory-mapped, so only the pages of that slice are read: a rank of a sharded model never holds a
+    whole tensor it keeps a part of.
+    """
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        entry = header_entries(json.loads(f.read(header_len)))[name]
+    np_dtype, dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    data = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + header_len + begin, shape=shape) if end > begin \
+        else np.zeros(shape, np_dtype)
+    if axis is not None:
+        index = [slice(None)] * len(shape)
+        index[axis] = slice(start, stop)
+        data = data[tuple(index)]
+        if length > stop - start:
+            pad = [(0, 0)] * len(shape)
+            pad[axis] = (0, length - (stop - start))
+            data = np.pad(data, pad)
+    array = mx.array(np.ascontiguousarray(data))
+    del data
+    return array.view(dtype) if array.dtype != dtype else array
 
 
 FINGERPRINT_SAMPLES = 64  # blocks read from each weight file for its fingerprint

@@ -9,19 +9,26 @@ Up to `max_batch` jobs decode together, one forward pass per step for all of the
 prompt is prefilled a chunk at a time between the others' steps. With `max_queue`, at most that many jobs wait
 for a free row, and `submit` raises `WorkerBusy` beyond it. Nothing a job does, and nothing a client does with
 its chunks, ends the thread.
+
+With a `Lockstep` (a model split over several processes, `parallel`), every rank runs this loop: rank 0 takes
+the requests and shares each turn's decisions as a `lockstep.Plan`, the others follow it (`follow`), so all of
+them run the same forward passes. A rank that fails there ends its process with one line; `mlx.launch` then
+stops the others (and without it, they notice the lost peer at their next collective).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ from qwen_mlx.decode import Decoder
 from qwen_mlx.decode import Sequence as TokenSequence
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk, ReplyText, text_chunks
+from qwen_mlx.lockstep import HEARTBEAT_S, Lockstep, Plan, Start, decode_request, encode_request
 from qwen_mlx.prefix_cache import CacheStats, DiskTier, PrefixCache, ReplyMemory, settings_tag
 from qwen_mlx.request import GenerationRequest, Prompt, prepare_request
 from qwen_mlx.speculative import DraftModel
@@ -63,8 +71,11 @@ class Job:
     prefill: tuple[int, int] | None = None  # (prompt tokens computed, to compute) while its prompt is prefilled
     done: threading.Event = field(default_factory=threading.Event)  # set once the last item is queued
     notify: Callable[[], None] | None = None  # called (on the worker's thread) after each item is queued
+    discard: bool = False  # a following rank's copy of rank 0's job: its output goes nowhere
 
     def put(self, item: GenerationChunk | BaseException) -> None:
+        if self.discard:
+            return
         self.chunks.put(item)
         if self.notify is None:
             return
@@ -96,6 +107,15 @@ class Running:
     job: Job
     sequence: TokenSequence
     reply: ReplyText
+    cancel: threading.Event  # what the decoder checks: the job's own flag, or under lockstep its shared copy
+    uid: int | None = None  # its name in lockstep plans
+
+
+@dataclass(frozen=True)
+class Forget:
+    """An errand: drop `session`'s cached turn."""
+
+    session: str
 
 
 @dataclass(frozen=True)
@@ -135,7 +155,15 @@ class ModelWorker:
         options: dict[str, Any] | None = None,
         load_draft: Callable[[Tokenizer], DraftModel] | None = None,
         on_status: Callable[[str], None] | None = None,
+        lockstep: Lockstep | None = None,
     ):
+        self.lockstep = lockstep
+        self.finished = threading.Event()  # under lockstep: rank 0 has said that it is done
+        self._exiting = False
+        self._uids = itertools.count()
+        self._by_uid: dict[int, Running] = {}
+        self._admitted: dict[int, Job] = {}  # rank 0's jobs between their plan and their start
+        self._forgotten: list[str] = []  # sessions for the next plan
         self.cache_settings = cache or CacheSettings()
         # `stream_generate` options every request gets unless it gives its own (a server's draft model, say)
         self.options = {k: v for k, v in (options or {}).items() if v is not None}
@@ -228,7 +256,7 @@ class ModelWorker:
 
     def forget(self, session: str) -> None:
         """Drop a session's cached turn (its conversation was deleted), in turn on the worker's thread."""
-        self._inbox.put(lambda: self.prefixes is not None and self.prefixes.drop(self._entry_of.pop(session, None)))
+        self._inbox.put(Forget(session))
 
     def cancel_all(self) -> None:
         """Cancel the running and waiting jobs, and every job submitted from now on (the server is stopping):
@@ -250,6 +278,11 @@ class ModelWorker:
         if not idle.wait(timeout):
             log.warning("the model thread did not become idle within %.0f s", timeout)
             return False
+        if self.lockstep is not None:
+            self._inbox.put(lambda: setattr(self, "_exiting", True))
+            if not self.finished.wait(timeout):
+                log.warning("the other processes did not take the last step within %.0f s", timeout)
+                return False
         if self.prefixes is not None and self.prefixes.disk is not None:
             flushed = threading.Event()
             self._inbox.put(lambda: (self.prefixes.flush(), self.replies.save(), flushed.set()))  # MLX: its thread
@@ -257,6 +290,10 @@ class ModelWorker:
                 log.warning("writing the prefix cache to disk took longer than %.0f s", FLUSH_TIMEOUT_S)
                 return False
         return True
+
+    def follow(self) -> None:
+        """On a rank other than 0: let this worker follow rank 0's plans until rank 0 is done."""
+        self.finished.wait()
 
     # --- on the worker's thread ---
 
@@ -273,26 +310,90 @@ class ModelWorker:
                 self.load_error = e if isinstance(e, QwenMLXError) else QwenMLXError(f"the model failed to load: {e}")
                 log.error("the model failed to load", exc_info=not isinstance(e, QwenMLXError))
                 self._on_status(f"failed: {self.load_error}")
-            self.loaded.set()
-            decoder = Decoder(self.model, self.tokenizer) if self.model is not None else None
+                if self.lockstep is not None:
+                    self._abort(self.load_error)
+            decoder = Decoder(self.model, self.tokenizer, timed=self.lockstep is None) if self.model else None
             self._decoder = decoder
             if self.model is not None:
                 self.prefixes = self._prefix_cache()
-            while True:
+            self.loaded.set()
+            while not self.finished.is_set():
                 try:
-                    self._take_inbox(block=not self._running and not self._queued)
-                    self._admit(decoder)
+                    if self.lockstep is not None:
+                        self._lockstep_turn(decoder)
+                    else:
+                        self._take_inbox(block=not self._running and not self._queued)
+                        self._admit(decoder)
                     if self._running:
                         self._step(decoder)
                     else:
                         for idle in self._idle_waiters:
                             idle.set()
                         self._idle_waiters.clear()
-                except Exception:  # a bug here must not end the thread: fail what is running, go on
+                except Exception as e:  # a bug here must not end the thread: fail what is running, go on
+                    if self.lockstep is not None:  # ... unless the ranks may no longer be in step
+                        self._abort(e)
                     log.exception("the model thread hit an error; failing the running jobs")
                     self._fail_all(decoder, QwenMLXError("internal error while generating; see the server log"))
+            threading.Event().wait()  # parked: see `close`
+
+    def _abort(self, error: BaseException) -> None:
+        """End this rank's process with one line: the ranks can no longer take the same steps."""
+        rank = self.lockstep.group.rank()
+        if not isinstance(error, QwenMLXError):
+            log.error("rank %d failed", rank, exc_info=(type(error), error, error.__traceback__))
+        print(f"qwen-mlx: error: [rank {rank}] {error}; stopping", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    def _lockstep_turn(self, decoder: Decoder) -> None:
+        """One turn of the loop as every rank takes it: rank 0's plan, shared, then acted on."""
+        plan = None
+        if self.lockstep.leads:
+            idle = not self._running and not self._queued
+            # Idle, rank 0 still shares an (empty) plan every HEARTBEAT_S: a lost rank is noticed, not waited on.
+            self._take_inbox(block=idle, timeout=HEARTBEAT_S if idle else None)
+            plan = self._plan()
+        plan = self.lockstep.share(plan)
+        for session in plan.forget:
+            self.prefixes.drop(self._entry_of.pop(session, None))
+        for uid in plan.cancel:
+            if uid in self._by_uid:
+                self._by_uid[uid].cancel.set()
+        for start in plan.start:
+            self._start(decoder, self._job_for(start), uid=start.uid)
+        if plan.exit:
+            self.finished.set()
+
+    def _plan(self) -> Plan:
+        """Rank 0's decisions of this turn: what to forget, cancel and start, or to stop."""
+        plan = Plan(forget=self._forgotten, exit=self._exiting and not self._running)
+        self._forgotten = []
+        plan.cancel = [r.uid for r in self._running.values() if r.job.cancelled.is_set() and not r.cancel.is_set()]
+        if plan.exit:
+            return plan
+        for job in self._admissions():
+            uid = next(self._uids)
+            data = encode_request(job.request)
+            job.request = replace(job.request, seed=data["seed"])
+            self._admitted[uid] = job
+            plan.start.append(Start(uid, job.session, data))
+        return plan
+
+    def _job_for(self, start: Start) -> Job:
+        if self.lockstep.leads:
+            return self._admitted.pop(start.uid)
+        draft = self.options.get("draft_model")
+        return Job(start.session, decode_request(start.request, draft), discard=True)
 
     def _prefix_cache(self) -> PrefixCache:
+        if self.lockstep is not None:
+            # Every rank's cache must keep and drop the same entries: rank 0's budget for all, in bytes every rank
+            # counts alike (a stage's first layer times all the layers), and no disk tier (disks differ).
+            plan = Plan(settings={"ram_bytes": self.tiers.ram_bytes}) if self.lockstep.leads else None
+            ram_bytes = self.lockstep.share(plan).settings["ram_bytes"]
+            layers = self.model.config.num_hidden_layers
+            return PrefixCache(self.model, self.cache_settings, ram_bytes,
+                               entry_bytes=lambda cache: cache.caches[0].nbytes * layers)
         disk = None
         if self.tiers.folder is not None and self.tiers.disk_bytes > 0 and self.model.fingerprint:
             tag = settings_tag(self.cache_settings)
@@ -304,13 +405,18 @@ class ModelWorker:
                 log.warning("no disk tier for the prefix cache (%s): %s", self.tiers.folder, e)
         return PrefixCache(self.model, self.cache_settings, self.tiers.ram_bytes, disk)
 
-    def _take_inbox(self, block: bool) -> None:
+    def _take_inbox(self, block: bool, timeout: float | None = None) -> None:
         """Move submitted jobs to the queue and run errands; wait for one when there is nothing else to do."""
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=block, timeout=timeout)
             while True:
                 if isinstance(item, Job):
                     self._queued.append(item)
+                elif isinstance(item, Forget):
+                    if self.lockstep is not None:
+                        self._forgotten.append(item.session)
+                    elif self.prefixes is not None:
+                        self.prefixes.drop(self._entry_of.pop(item.session, None))
                 else:
                     item()
                 item = self._inbox.get_nowait()
@@ -318,10 +424,15 @@ class ModelWorker:
             pass
 
     def _admit(self, decoder: Decoder | None) -> None:
-        """Start queued jobs while rows are free; a job whose conversation is still generating (a double send)
-        waits for it, in order, without holding up the others."""
+        for job in self._admissions():
+            self._start(decoder, job)
+
+    def _admissions(self) -> list[Job]:
+        """The queued jobs to start while rows are free (those cancelled meanwhile end here); a job whose
+        conversation is still generating (a double send) waits for it, in order, without holding up the others."""
         deferred: list[Job] = []
-        while self._queued and len(self._running) < self.max_batch:
+        starting: list[Job] = []
+        while self._queued and len(self._running) + len(starting) < self.max_batch:
             job = self._queued.popleft()
             if job.session is not None and job.session in self._busy_sessions:
                 deferred.append(job)
@@ -333,11 +444,18 @@ class ModelWorker:
             elif job.cancelled.is_set() or self._closing.is_set():  # cancelled while waiting in the queue
                 self._end(job, GenerationChunk("", None, "cancelled"))
             else:
-                self._start(decoder, job)
+                starting.append(job)
+                if job.session is not None:
+                    self._busy_sessions.add(job.session)
         self._queued.extendleft(reversed(deferred))
+        for job in starting:
+            self._busy_sessions.discard(job.session)
+        return starting
 
-    def _start(self, decoder: Decoder, job: Job) -> None:
+    def _start(self, decoder: Decoder, job: Job, uid: int | None = None) -> None:
         request = job.request
+        # Under lockstep the decoder sees a cancel only once every rank has it (`_lockstep_turn`).
+        cancel = job.cancelled if uid is None else threading.Event()
         if not self._running:
             mx.reset_peak_memory()  # a reply's peak memory counts from when the model last went busy
         cache = self.prefixes.acquire(request.prompt_ids)
@@ -350,14 +468,16 @@ class ModelWorker:
                 self.prefixes.checkpoint(cache)
 
         try:
-            sequence = decoder.add(request, cache, job.cancelled, on_prefill=on_prefill)
+            sequence = decoder.add(request, cache, cancel, on_prefill=on_prefill)
         except Exception as e:
             self._end(job, e if isinstance(e, QwenMLXError) else QwenMLXError(f"generation failed: {e}"))
             return
         if job.session is not None:
             self._busy_sessions.add(job.session)
         reply = ReplyText(self.tokenizer, sequence, self.model.config.context_length)
-        self._running[sequence] = Running(job, sequence, reply)
+        self._running[sequence] = running = Running(job, sequence, reply, cancel, uid)
+        if uid is not None:
+            self._by_uid[uid] = running
         job.started.set()
 
     def _step(self, decoder: Decoder) -> None:
@@ -381,6 +501,7 @@ class ModelWorker:
 
     def _stop(self, running: Running, error: BaseException | None = None) -> None:
         del self._running[running.sequence]
+        self._by_uid.pop(running.uid, None)
         session = running.job.session
         self._busy_sessions.discard(session)
         if error is None:  # a failed one may hold a half-written step: not kept

@@ -584,7 +584,8 @@ def test_concurrent_streams_are_decoded_together_each_as_alone(batch_server: str
         assert results[i]["text"] == expected, requests[i]
     jsonschema.validate(json.loads(results[2]["text"]), PERSON)
     # Every stream had its first token before any of them finished: they ran together, not one after another.
-    assert max(r["first"] for r in results.values()) < min(r["done"] for r in results.values())
+    # (Not counting the one cut short by its stop string: its prompt is cached, so it may be done in a step.)
+    assert max(r["first"] for r in results.values()) < min(r["done"] for i, r in results.items() if i != 3)
     state = wait_idle(batch_server)
     assert state["max_batch"] == 4 and state["active"] == 0
 

@@ -1,9 +1,11 @@
-"""The flags several commands share, defined and checked once: the model, sampling, the KV cache, and what the
-two servers (`serve`, `webui`) have in common (address, port, queue, batch, demo model)."""
+"""The flags several commands share, defined and checked once: the model, sampling, the KV cache, splitting the
+model over processes, and what the two servers (`serve`, `webui`) have in common (address, port, queue, batch,
+demo model)."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -16,6 +18,8 @@ from qwen_mlx.demo import demo_model_folder
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
 from qwen_mlx.load import DEFAULT_MODEL, load
+from qwen_mlx.lockstep import Lockstep
+from qwen_mlx.parallel import MODES, Parallel, start_group
 from qwen_mlx.request import DEFAULT_DRAFT_TOKENS, speculation_settings
 from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
@@ -34,6 +38,39 @@ def add_model_argument(parser: Any, demo: bool = False) -> None:
         group.add_argument("--demo", action="store_true",
                            help="no download: a tiny random-weight Qwen2 with the real tokenizer (replies are "
                                 "gibberish)")
+
+
+def add_parallel_argument(parser: Any) -> None:
+    parser.add_argument("--parallel", choices=MODES,
+                        help="split the model over the processes mlx.launch starts (see the README): tensor for "
+                             "fast links (Thunderbolt), pipeline for slow ones (Ethernet); default under mlx.launch: "
+                             "tensor")
+
+
+def parallel_group(args: argparse.Namespace) -> Parallel | None:
+    """This process's place in a split model (None: it runs alone), once the flags it rules out are checked."""
+    parallel = start_group(args.parallel)
+    if parallel is None:
+        return None
+    if getattr(args, "prompt_cache", None):
+        raise QwenMLXError("--prompt-cache holds one process's cache and cannot be used with a model split over "
+                           "processes; drop it (each turn's prefix is still reused)")
+    if getattr(args, "cache_disk_gb", None):
+        raise QwenMLXError("--cache-disk-gb: a model split over processes keeps its prefix cache in memory only "
+                           "(each machine's disk would hold other turns); drop the flag")
+    return parallel
+
+
+def follow(args: argparse.Namespace, parallel: Parallel, max_batch: int = 1) -> int:
+    """What a rank other than 0 does for any command: load its part of the model and follow rank 0's steps.
+
+    Ctrl-C in the terminal reaches every process mlx.launch started there: rank 0 stops, and tells the others
+    (which ignore it) in its last plan; a rank that stops on its own would leave rank 0's last step without it.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker = start_worker(args, cache_settings(args), args.model, parallel, max_batch)
+    worker.follow()
+    return 0
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +150,7 @@ def cache_options(settings: CacheSettings) -> dict[str, Any]:
 def add_server_arguments(parser: argparse.ArgumentParser, port: int, max_queue: int) -> None:
     """What `serve` and `webui` share: the model (or --demo), address, port, KV cache, queue, batch, drafts."""
     add_model_argument(parser, demo=True)
+    add_parallel_argument(parser)
     add_speculation_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)")
@@ -126,9 +164,10 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int, max_queue: 
     parser.add_argument("--cache-ram-gb", type=float,
                         help="memory for the KV caches of finished turns, reused by any request that starts the "
                              "same way (default: a tenth of this machine's RAM)")
-    parser.add_argument("--cache-disk-gb", type=float, default=DEFAULT_CACHE_DISK_GB,
+    parser.add_argument("--cache-disk-gb", type=float,
                         help="disk for the turns that no longer fit in memory and for all of them at shutdown, "
-                             f"so a restarted server resumes them (default {DEFAULT_CACHE_DISK_GB:g}; 0: none)")
+                             f"so a restarted server resumes them (default {DEFAULT_CACHE_DISK_GB:g}; 0: none; none "
+                             "with --parallel)")
 
 
 def check_server_arguments(args: argparse.Namespace, guard_flag: str, guarded: bool) -> CacheSettings:
@@ -165,22 +204,31 @@ def served_model_name(args: argparse.Namespace) -> str:
     return Path(args.model).name if Path(args.model).is_dir() else args.model
 
 
-def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str) -> ModelWorker:
-    """The model worker a server runs on: --model (or --demo) loaded on its thread, its progress on stderr.
+def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str, parallel: Parallel | None = None,
+                 max_batch: int | None = None) -> ModelWorker:
+    """The model worker a command runs on: --model (or --demo) loaded on its thread (this rank's part of it with
+    `parallel`), its progress on stderr (rank 0's).
 
     QWEN_MLX_TOKEN_DELAY=<seconds> makes every model step sleep that long first: for tests and diagnostics only,
     so that a tiny model streams slowly enough to watch, stop and disconnect from.
     """
 
     def load_model() -> tuple[nn.Module, Tokenizer]:
-        model, tokenizer = load(demo_model_folder(data_home() / "models") if args.demo else args.model)
+        folder = demo_model_folder(data_home() / "models") if getattr(args, "demo", False) else args.model
+        model, tokenizer = load(folder, parallel=parallel)
         return slowed_for_tests(model), tokenizer
 
     def draft_for(tokenizer: Tokenizer) -> DraftModel:
         return load_draft(args.draft_model, tokenizer)
 
-    ram = default_ram_bytes() if args.cache_ram_gb is None else int(args.cache_ram_gb * 1e9)
-    tiers = CacheTiers(ram, data_home() / "kv-cache", int(args.cache_disk_gb * 1e9))
-    return ModelWorker(load_model, cache=cache, max_batch=args.max_batch, max_queue=args.max_queue, tiers=tiers,
+    ram_gb = getattr(args, "cache_ram_gb", None)
+    ram = default_ram_bytes() if ram_gb is None else int(ram_gb * 1e9)
+    disk_gb = getattr(args, "cache_disk_gb", None)
+    disk_gb = DEFAULT_CACHE_DISK_GB if disk_gb is None else disk_gb
+    tiers = CacheTiers(ram) if parallel else CacheTiers(ram, data_home() / "kv-cache", int(disk_gb * 1e9))
+    speaks = parallel is None or parallel.leads
+    return ModelWorker(load_model, cache=cache, max_batch=max_batch or getattr(args, "max_batch", 1),
+                       max_queue=getattr(args, "max_queue", None), tiers=tiers,
                        options=speculation_options(args, None), load_draft=draft_for if args.draft_model else None,
-                       on_status=lambda status: print(f"qwen-mlx: {label}: {status}", file=sys.stderr, flush=True))
+                       on_status=(lambda status: print(f"qwen-mlx: {label}: {status}", file=sys.stderr, flush=True))
+                       if speaks else None, lockstep=Lockstep(parallel.group) if parallel else None)

@@ -8,7 +8,14 @@ import signal
 import sys
 from typing import Any
 
-from qwen_mlx.commands.flags import add_server_arguments, check_server_arguments, served_model_name, start_worker
+from qwen_mlx.commands.flags import (
+    add_server_arguments,
+    check_server_arguments,
+    follow,
+    parallel_group,
+    served_model_name,
+    start_worker,
+)
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.guard import DEFAULT_MAX_BODY_MB, GuardSettings
 
@@ -39,10 +46,13 @@ def run(args: argparse.Namespace) -> int:
         raise QwenMLXError("--api-key is empty; give a key or leave the option out")
     if not args.max_body_mb > 0:
         raise QwenMLXError(f"--max-body-mb {args.max_body_mb:g} must be positive")
+    parallel = parallel_group(args)
+    if parallel is not None and not parallel.leads:
+        return follow(args, parallel)
     cache = check_server_arguments(args, "--api-key", guarded=args.api_key is not None)
     source = "demo" if args.demo else args.model
     model_id = served_model_name(args)
-    worker = start_worker(args, cache, source)
+    worker = start_worker(args, cache, source, parallel)
     worker.wait_loaded()
     if worker.load_error is not None:
         worker.close()

@@ -17,13 +17,16 @@ from qwen_mlx.commands.flags import (
     check_speculation_arguments,
     sampling_options,
     speculation_options,
+    start_worker,
 )
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationStats, stream_generate
 from qwen_mlx.load import load
+from qwen_mlx.parallel import Parallel
 from qwen_mlx.request import check_text
 from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.worker import ModelWorker
 
 
 def read_text(value: str, flag: str = "--prompt") -> str:
@@ -130,3 +133,33 @@ def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict[str
             stats = chunk.stats
     print(flush=True)
     return "".join(parts), stats
+
+
+def start_terminal_worker(args: argparse.Namespace, parallel: Parallel) -> ModelWorker:
+    """Rank 0's model worker for a terminal command on a model split over processes (the others `follow` it)."""
+    settings = cache_settings(args)
+    check_speculation_arguments(args)
+    print(f"Loading {args.model} over {parallel.size} processes ({parallel.mode} parallel) ...", file=sys.stderr,
+          flush=True)
+    worker = start_worker(args, settings, args.model, parallel)
+    worker.wait_loaded()
+    return worker
+
+
+def stream_worker_reply(worker: ModelWorker, messages: list[dict[str, Any]],
+                        args: argparse.Namespace) -> tuple[str, GenerationStats]:
+    """`stream_reply` through a model worker; Ctrl-C cancels the reply (within a token) and is raised again."""
+    job = worker.submit("terminal", messages, **sampling_options(args))
+    parts = []
+    try:
+        while True:
+            chunk = job.get()
+            print(chunk.text, end="", flush=True)
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                print(flush=True)
+                return "".join(parts), chunk.stats
+    except KeyboardInterrupt:
+        job.cancel()
+        job.done.wait()
+        raise
