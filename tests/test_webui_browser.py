@@ -70,7 +70,7 @@ def test_stream_stop_regenerate_and_find_the_conversation_after_reload_and_resta
         time.sleep(0.5)
         assert len(reply.inner_text()) > len(before), "the reply does not stream"
 
-        page.locator("#stop").click()
+        page.locator("#message .stop-button").click()
         expect(reply).to_contain_text("stopped", timeout=5000)
         stopped = reply.inner_text()
         time.sleep(1.0)
@@ -128,7 +128,7 @@ def test_two_users_see_their_replies_stream_at_the_same_time(model_and_home: tup
             assert len(a) > len(b), "a reply stood still while the other streamed"
         assert not any("stopped" in a or "max tokens" in a for a in after)
         for page in pages:
-            page.locator("#stop").click()
+            page.locator("#message .stop-button").click()
         for reply in replies:
             expect(reply).to_contain_text("stopped", timeout=5000)
         pages[0].screenshot(path=str(tmp_path / "two-users.png"))

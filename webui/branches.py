@@ -1,0 +1,153 @@
+"""A conversation's messages as a tree, so that an edited question or a regenerated reply keeps what it replaced.
+
+A node is a message dict ({"role", "content", ...}) that also holds "children" (the messages that may follow it,
+each an alternative continuation) and "active" (which child is shown). The root is a node with no role. The
+conversation shown, and sent to the model, is the path from the root along the active children; an alternative is
+a sibling at some position of that path, shown as ‹ k/n › beside the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Node = dict[str, Any]
+ROLES = ("user", "assistant")
+MAX_DEPTH = 10_000  # a file this deep is not a conversation anyone had: refuse it rather than recurse forever
+
+
+def new_root() -> Node:
+    return {"children": [], "active": 0}
+
+
+def node(message: dict[str, Any]) -> Node:
+    """A message as a leaf of the tree (its own children, if any, are not kept)."""
+    return {**{k: v for k, v in message.items() if k not in ("children", "active")}, "children": [], "active": 0}
+
+
+def path(root: Node) -> list[Node]:
+    """The messages shown: from the root along each node's active child."""
+    shown = []
+    at = root
+    while at["children"]:
+        at = at["children"][min(at["active"], len(at["children"]) - 1)]
+        shown.append(at)
+    return shown
+
+
+def _parent(root: Node, index: int) -> Node:
+    return root if index == 0 else path(root)[index - 1]
+
+
+def append(root: Node, message: dict[str, Any]) -> Node:
+    """Add `message` after the last one shown, and show it."""
+    shown = path(root)
+    parent = shown[-1] if shown else root
+    leaf = node(message)
+    parent["children"].append(leaf)
+    parent["active"] = len(parent["children"]) - 1
+    return leaf
+
+
+def add_alternative(root: Node, index: int, message: dict[str, Any]) -> Node:
+    """Add `message` as an alternative to the one shown at `index` (or after the last), and show it instead."""
+    parent = _parent(root, min(index, len(path(root))))
+    leaf = node(message)
+    parent["children"].append(leaf)
+    parent["active"] = len(parent["children"]) - 1
+    return leaf
+
+
+def position(root: Node, index: int) -> tuple[int, int]:
+    """(k, n): the message shown at `index` is alternative k (from 1) of n."""
+    parent = _parent(root, index)
+    return min(parent["active"], len(parent["children"]) - 1) + 1, len(parent["children"])
+
+
+def switch(root: Node, index: int, step: int) -> bool:
+    """Show the previous (step -1) or next (+1) alternative at `index`; whether anything changed."""
+    if not 0 <= index < len(path(root)):
+        return False
+    parent = _parent(root, index)
+    active = min(parent["active"], len(parent["children"]) - 1)
+    wanted = max(0, min(len(parent["children"]) - 1, active + step))
+    parent["active"] = wanted
+    return wanted != active
+
+
+def remove(root: Node, index: int) -> Node:
+    """Delete the message shown at `index` with everything that follows it; an alternative, if any, is shown."""
+    parent = _parent(root, index)
+    active = min(parent["active"], len(parent["children"]) - 1)
+    removed = parent["children"].pop(active)
+    parent["active"] = max(0, min(active, len(parent["children"]) - 1))
+    return removed
+
+
+def detach(root: Node, target: Node) -> bool:
+    """Delete `target` (and what follows it) wherever it is in the tree; whether it was there."""
+    stack = [root]
+    while stack:
+        at = stack.pop()
+        for i, child in enumerate(at["children"]):
+            if child is target:
+                active = min(at["active"], len(at["children"]) - 1)
+                at["children"].pop(i)
+                at["active"] = max(0, min(active - (i < active), len(at["children"]) - 1))
+                return True
+        stack += at["children"]
+    return False
+
+
+def linear(messages: list[dict[str, Any]]) -> Node:
+    """A tree of one branch: conversations saved before there were alternatives, imported message lists."""
+    root = new_root()
+    for message in messages:
+        append(root, message)
+    return root
+
+
+def cleaned(tree: Node, drop: frozenset[str], skip: Any = None) -> Node:
+    """A copy of the tree without the keys `drop` (what only the page needs) and without the nodes `skip(node)`
+    says to leave out (a reply not yet begun)."""
+    copy = {k: v for k, v in tree.items() if k not in drop and k != "children"}
+    children = [cleaned(c, drop, skip) for c in tree["children"] if skip is None or not skip(c)]
+    copy["children"] = children
+    copy["active"] = max(0, min(tree.get("active", 0), len(children) - 1))
+    return copy
+
+
+def check_tree(tree: Any) -> None:
+    """Raise ValueError (saying where) unless `tree` is a root of well-formed message nodes."""
+    stack = [(tree, 0, "the root")]
+    while stack:
+        at, depth, where = stack.pop()
+        if not isinstance(at, dict):
+            raise ValueError(f"{where} is not an object")
+        if depth > MAX_DEPTH:
+            raise ValueError(f"more than {MAX_DEPTH} messages in a row")
+        if depth > 0:
+            check_message(at, where)
+        children, active = at.get("children"), at.get("active", 0)
+        if not isinstance(children, list):
+            raise ValueError(f"{where} has no list of children")
+        if not isinstance(active, int) or isinstance(active, bool) or (children and not 0 <= active < len(children)):
+            raise ValueError(f"{where} has a bad 'active' index {active!r}")
+        stack += [(c, depth + 1, f"message {depth + 1} (alternative {i + 1})") for i, c in enumerate(children)]
+
+
+def check_message(message: Any, where: str) -> None:
+    """Raise ValueError unless `message` is {"role": "user" | "assistant", "content": str, ...} with well-typed
+    optional fields."""
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} is not an object")
+    if message.get("role") not in ROLES:
+        raise ValueError(f"{where} has role {message.get('role')!r}, not 'user' or 'assistant'")
+    if not isinstance(message.get("content"), str):
+        raise ValueError(f"{where} has no text content")
+    if "stats" in message and not isinstance(message["stats"], dict):
+        raise ValueError(f"{where} has statistics that are not an object")
+    attachments = message.get("attachments", [])
+    if not isinstance(attachments, list) or not all(
+        isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("text"), str) for a in attachments
+    ):
+        raise ValueError(f"{where} has attachments that are not {{name, text}} objects")

@@ -1,0 +1,664 @@
+"""The chat page's handlers: they edit a session's Conversation, send Jobs to the worker and stream their chunks.
+
+No MLX here: the worker's thread runs the model. Each browser session holds its Conversation in a gr.State. An
+action that generates runs in two steps: a quick one that shows the question and an empty reply at once (even
+while the model is busy with others), then one that streams the reply from a worker Job into that message and
+re-sends the page at most every UPDATE_INTERVAL seconds, saving it every SAVE_INTERVAL seconds so that a killed
+server keeps what was written. Stop cancels the Job, and so does the streaming generator's `finally` when Gradio
+closes it (an API client's cancel, a closed tab); the worker ends the generation within one token.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.webui import branches
+from qwen_mlx.webui.attachments import read_uploads, size_text, with_attachments
+from qwen_mlx.webui.context import DROP_OLDEST, fit, meter_html, model_messages, prompt_ids
+from qwen_mlx.webui.conversations import Conversation, ConversationStore, Summary, from_record, is_id, new_id
+from qwen_mlx.webui.export import write_exports
+from qwen_mlx.webui.rendering import THINK_OPEN, chat_view, meta_json
+from qwen_mlx.worker import Job, ModelWorker
+
+UPDATE_INTERVAL = 0.04  # seconds between page updates while a reply streams: Gradio re-sends the message each time
+SAVE_INTERVAL = 1.0  # seconds between saves of a reply being written (a killed server keeps the text so far)
+PROGRESS_FROM = 512  # prompt tokens to compute from which the reply shows how far their reading has come
+MAX_IMPORT_BYTES = 20 * 1024 * 1024
+SKIP = object()  # page(): leave this output as it is
+
+
+class LiveReply:
+    """The assistant message that a Job's chunks write (a node of the conversation's tree)."""
+
+    def __init__(self, conversation: Conversation, message: dict[str, Any], job: Job, worker: ModelWorker,
+                 prompt_tokens: int, dropped: int, opens_thinking: bool, ahead: Any):
+        self.conversation = conversation
+        self.message = message
+        self.job = job
+        self.worker = worker
+        self.prompt_tokens = prompt_tokens  # for the context meter while the reply grows
+        self.dropped = dropped  # the oldest messages its prompt leaves out
+        self.opens_thinking = opens_thinking  # the chat template opened a <think> block for the model
+        self.ahead = ahead  # () → how many replies wait for a row before this one
+        self.generated = 0
+        self.finished = False
+        self.emptied = False  # stopped before its first token: its message was removed
+        self.handler_exited = threading.Event()  # the generator that streams this reply is gone
+
+    def pump(self, until: float) -> bool:
+        """Take the chunks that arrive before `until` (time.monotonic) or the end; whether the page changed."""
+        changed = self._show_progress()
+        while not self.finished:
+            try:
+                chunk = self.job.get(timeout=max(0.0, until - time.monotonic()))
+            except Exception as e:  # the error that ended the generation: shown in place of the reply
+                self._settle_message()
+                self.message.update(content=describe_error(e), error=True)
+                self.finished = True
+                return True
+            if chunk is None:
+                break
+            if chunk.token is not None:
+                self.generated += 1
+            if chunk.text:
+                if not self.message["content"] and self.opens_thinking:
+                    self.message["content"] = THINK_OPEN + "\n"
+                self.message["content"] += chunk.text
+                changed = True
+            if chunk.finish_reason is not None:
+                self._finish(chunk)
+                changed = True
+        return changed
+
+    def _finish(self, chunk: Any) -> None:
+        self._settle_message()
+        self.finished = True
+        if chunk.finish_reason == "cancelled" and self.generated == 0 and not self.message["content"]:
+            # Stopped while its prompt was read (or while it waited): there is no reply, so no message and no
+            # statistics of a reply that never was; the question stays, to send again or edit.
+            self.emptied = True
+            branches.detach(self.conversation.tree, self.message)
+            return
+        stats = asdict(chunk.stats) if chunk.stats is not None else {}
+        self.message["stats"] = {**stats, "finish_reason": chunk.finish_reason, "dropped": self.dropped}
+
+    def _settle_message(self) -> None:
+        for key in ("pending", "waiting", "prefill"):
+            self.message.pop(key, None)
+
+    def _show_progress(self) -> bool:
+        """While it waits for a row, or its prompt is read, the empty reply says so (not saved)."""
+        waiting = prefill = None
+        if not self.finished and not self.job.done.is_set() and self.generated == 0:
+            if not self.job.started.is_set():
+                ahead = self.ahead()
+                waiting = f"waiting for the model: {ahead} ahead of you" if ahead else "waiting for the model"
+            elif self.job.prefill is not None and self.job.prefill[1] > PROGRESS_FROM:
+                done, total = self.job.prefill
+                prefill = [min(done, total), total]
+        changed = False
+        for key, value in (("waiting", waiting), ("prefill", prefill)):
+            if self.message.get(key) != value:
+                changed = True
+                if value is None:
+                    self.message.pop(key, None)
+                else:
+                    self.message[key] = value
+        return changed
+
+    def finish(self, store: ConversationStore) -> None:
+        """Stop the reply once its handler is gone, take its last chunks and statistics, and save."""
+        self.job.cancel()
+        self.handler_exited.wait(timeout=10)
+        self.pump(until=time.monotonic() + 10)  # at most one more token, then the last chunk
+        store.save(self.conversation)
+
+
+def describe_error(error: BaseException) -> str:
+    if isinstance(error, QwenMLXError):
+        return str(error)
+    return f"internal error ({type(error).__name__}: {error}); the server log has the details"
+
+
+def sampling_options(temperature: float, top_p: float, top_k: float, min_p: float, repetition_penalty: float,
+                     max_tokens: float, seed: float | None) -> dict[str, Any]:
+    """stream_generate's keyword arguments from the sliders; a negative (or no) seed means random."""
+    return {
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "top_k": int(top_k),
+        "min_p": float(min_p),
+        "repetition_penalty": float(repetition_penalty),
+        "max_tokens": int(max_tokens),
+        "seed": None if seed is None or seed < 0 else int(seed),
+    }
+
+
+def default_system_prompt(worker: ModelWorker) -> str:
+    """The system prompt the chat template writes when none is given (Qwen2.5: "You are Qwen, ...")."""
+    if worker.tokenizer is None:
+        return ""
+    text = worker.tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=False)
+    match = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.DOTALL)
+    return match.group(1) if match else ""
+
+
+def template_opens_thinking(worker: ModelWorker) -> bool:
+    """Whether the template's generation prompt ends inside <think> (DeepSeek-R1's does): replies then begin
+    with reasoning and only close the block."""
+    if worker.tokenizer is None:
+        return False
+    text = worker.tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=True)
+    return text.rstrip().endswith(THINK_OPEN)
+
+
+def when(timestamp: float, now: float | None = None) -> str:
+    """A conversation's date as the list shows it: the time today, the day this year, else the date."""
+    moment, today = time.localtime(timestamp), time.localtime(now)
+    if moment[:3] == today[:3]:
+        return time.strftime("today %H:%M", moment)
+    if moment.tm_year == today.tm_year:
+        return time.strftime("%d %b %H:%M", moment)
+    return time.strftime("%Y-%m-%d", moment)
+
+
+def listing_choices(summaries: list[Summary], query: str = "") -> list[tuple[str, str]]:
+    """The list's (label, id) pairs: title over date; a search keeps those whose title or text has every word."""
+    words = query.lower().split()
+    return [(f"{s.title}\n{when(s.updated)}", s.id) for s in summaries
+            if all(w in s.title.lower() or w in s.text for w in words)]
+
+
+class ChatApp:
+    """The handlers. Each returns the page: `OUTPUTS` values, in order (see `page`)."""
+
+    OUTPUTS = ("conversation", "chatbot", "message", "conversations", "chat_meta", "status", "meter", "open_id",
+               "system_prompt", "title", "attachments", "attachments_view")
+
+    def __init__(self, worker: ModelWorker, store: ConversationStore, export_root: Path | None = None):
+        self.worker = worker
+        self.store = store
+        self.export_root = export_root or Path(tempfile.gettempdir()) / "qwen-mlx-exports"
+        self.replies: dict[str, LiveReply] = {}  # conversation id → its reply being generated or not yet settled
+        self.queue: list[LiveReply] = []  # replies submitted and not yet decoding, oldest first
+        self.notices: dict[str, str] = {}  # conversation id → a note for its next page (e.g. "stopped early")
+        self._lock = threading.Lock()
+        self._counts: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # conversation id → (key, prompt tokens)
+        self.default_system = default_system_prompt(worker)
+        self.opens_thinking = template_opens_thinking(worker)
+        self.context_length = worker.model.config.context_length if worker.model is not None else 0
+
+    # The page
+
+    def system_of(self, conversation: Conversation) -> str:
+        return self.default_system if conversation.system_prompt is None else conversation.system_prompt
+
+    def page(self, conversation: Conversation, *, box: Any = SKIP, listing: bool = False, full: bool = False,
+             streaming: bool = False, query: str = "", attachments: Any = SKIP, generating: bool | None = None,
+             status: str | None = None) -> tuple[Any, ...]:
+        """The outputs for `conversation`. `box`: the message box's new text; `generating`: whether it shows Stop
+        (None: as it is); `listing`: the saved-conversation list too; `full`: everything that follows the
+        conversation (its system prompt, title, the address bar's memory of it), as on opening it."""
+        reply = self.replies.get(conversation.id)
+        live = {id(reply.message)} if reply is not None and not reply.finished else set()
+        rows, meta = chat_view(conversation, live)
+        if box is SKIP and generating is None:
+            message = gr.skip()
+        else:
+            message = gr.Textbox(**({} if box is SKIP else {"value": box}),
+                                 **({} if generating is None else {"submit_btn": not generating,
+                                                                   "stop_btn": generating}))
+        if listing or full:
+            choices = listing_choices(self.store.list(conversation.owner), query)
+            listing_update = gr.Radio(choices=choices,
+                                      value=conversation.id if any(i == conversation.id for _, i in choices) else None)
+        skip = gr.skip()
+        # The title box holds the name the user gave (its placeholder, the title made from the first question), so
+        # a reply that ends while they type a new name never overwrites what they typed.
+        title_update = gr.Textbox(value=conversation.name, placeholder=conversation.title) if full else \
+            gr.Textbox(placeholder=conversation.title) if listing else skip
+        return (
+            skip if streaming else conversation,
+            rows,
+            message,
+            listing_update if listing or full else skip,
+            json.dumps(meta_json(meta)),
+            self.status_html(conversation) if status is None else status,
+            self.meter(conversation, reply if live else None),
+            conversation.id if full or listing else skip,
+            self.system_of(conversation) if full else skip,
+            title_update,
+            skip if attachments is SKIP else attachments,
+            skip if attachments is SKIP else self.attachments_html(attachments),
+        )
+
+    def status_html(self, conversation: Conversation) -> str:
+        """The line above the message box: what the model is doing for this conversation, or a note."""
+        reply = self.replies.get(conversation.id)
+        if reply is not None and not reply.finished:
+            if "waiting" in reply.message:
+                return f'<span class="busy waiting">{reply.message["waiting"].capitalize()}</span>'
+            if "prefill" in reply.message:
+                done, total = reply.message["prefill"]
+                return f'<span class="busy prefill">Reading the prompt: {done} / {total} tokens</span>'
+            return (f'<span class="busy writing">● Writing the reply: {reply.generated} tokens · Esc or ■ '
+                    "stops</span>")
+        if conversation.messages and conversation.messages[-1].get("pending"):
+            return '<span class="busy waiting">Waiting for the model</span>'
+        notice = self.notices.pop(conversation.id, None)
+        return f'<span class="notice">{html.escape(notice)}</span>' if notice else ""
+
+    def prompt_tokens(self, conversation: Conversation, draft: list[dict[str, str]] | None = None) -> int:
+        """What the conversation's next prompt costs, with the message being written (`draft`)."""
+        if self.worker.tokenizer is None:
+            return 0
+        messages = [m for m in conversation.messages if not (m.get("pending") and not m["content"])]
+        key = (self.system_of(conversation), tuple((id(m), len(m["content"])) for m in messages))
+        cached = self._counts.get(conversation.id)
+        if cached is not None and cached[0] == key:
+            count = cached[1]
+        else:
+            count = len(prompt_ids(self.worker.tokenizer, self.system_of(conversation), model_messages(messages)))
+            self._counts[conversation.id] = (key, count)
+            self._counts.move_to_end(conversation.id)
+            while len(self._counts) > 256:
+                self._counts.popitem(last=False)
+        if draft:
+            count += len(self.worker.tokenizer.encode(with_attachments(draft[0]["content"], draft[0].get(
+                "attachments", [])))) + 5  # the template's markers around a user message
+        return count
+
+    def meter(self, conversation: Conversation, reply: LiveReply | None = None, draft: str = "",
+              attachments: list[dict[str, str]] | None = None) -> str:
+        if not self.context_length:
+            return ""
+        if reply is not None:
+            used = reply.prompt_tokens + reply.generated
+        else:
+            pending = [{"role": "user", "content": draft, "attachments": attachments or []}] \
+                if draft.strip() or attachments else None
+            used = self.prompt_tokens(conversation, pending)
+        last = next((m for m in reversed(conversation.messages) if "stats" in m), None)
+        note = ""
+        if last is not None and last["stats"].get("dropped"):
+            note = f"the {last['stats']['dropped']} oldest messages are no longer in the model's context"
+        elif used >= 0.9 * self.context_length:
+            note = "nearly full: see “When the context is full”"
+        return meter_html(used, self.context_length, note)
+
+    def attachments_html(self, attachments: list[dict[str, str]]) -> str:
+        if not attachments:
+            return ""
+        chips = []
+        for a in attachments:
+            tokens = len(self.worker.tokenizer.encode(a["text"])) if self.worker.tokenizer is not None else 0
+            chips.append(f'<span class="chip">{html.escape(a["name"])} · {size_text(len(a["text"].encode()))} · '
+                         f"{tokens} tokens</span>")
+        return '<div class="attachment-chips">' + "".join(chips) + "</div>"
+
+    def exports(self, conversation: Conversation | None) -> tuple[Any, Any]:
+        """The two download buttons' files: this conversation as Markdown and as JSON."""
+        if conversation is None or not conversation.messages:
+            return gr.DownloadButton(value=None, interactive=False), gr.DownloadButton(value=None, interactive=False)
+        folder = self.export_root / conversation.owner / conversation.id
+        markdown, data = write_exports(conversation, self.system_of(conversation), folder)
+        return gr.DownloadButton(value=str(markdown), interactive=True), gr.DownloadButton(value=str(data),
+                                                                                           interactive=True)
+
+    # The saved conversations
+
+    def restore(self, owner: str | None, open_id: str | None) -> tuple[Any, ...]:
+        """On page load: the conversation this browser had open (a browser is known by its stored owner id); the
+        most recent one on a first visit."""
+        owner = owner if is_id(owner) else new_id()
+        opened = self.store.load(owner, open_id) if is_id(open_id) else None
+        if opened is None and open_id is None:
+            saved = self.store.list(owner)
+            opened = self.store.load(owner, saved[0].id) if saved else None
+        if opened is None:
+            opened = Conversation(owner, open_id if is_id(open_id) else new_id())
+        return owner, *self.page(opened, full=True, generating=False)
+
+    def open(self, conversation_id: str, conversation: Conversation | None, query: str = "") -> tuple[Any, ...]:
+        conversation = self.settle(conversation)
+        opened = self.store.load(conversation.owner, conversation_id) if is_id(conversation_id) else None
+        return self.page(opened or conversation, full=True, query=query, generating=False)
+
+    def new_chat(self, conversation: Conversation | None) -> tuple[Any, ...]:
+        """A new, empty conversation (saved once it has a message); the search is cleared."""
+        conversation = self.settle(conversation)
+        page = self.page(Conversation(conversation.owner), box="", full=True, attachments=[], generating=False)
+        return *page, ""
+
+    def delete(self, conversation: Conversation | None, query: str = "") -> tuple[Any, ...]:
+        """Delete the open conversation (it is kept in the session, for Undo) and start a new one."""
+        conversation = self.settle(conversation)
+        self.store.delete(conversation)
+        self.worker.forget(conversation.id)
+        undo = gr.Button(f"Undo deleting “{conversation.title}”", visible=bool(conversation.messages))
+        page = self.page(Conversation(conversation.owner), box="", full=True, query=query, generating=False)
+        return *page, (conversation if conversation.messages else None), undo
+
+    def undo_delete(self, deleted: Conversation | None, conversation: Conversation | None,
+                    query: str = "") -> tuple[Any, ...]:
+        conversation = self.settle(conversation)
+        if deleted is None:
+            return *self.page(conversation, listing=True, query=query), None, gr.Button(visible=False)
+        deleted.owner = conversation.owner
+        self.store.save(deleted)
+        return *self.page(deleted, full=True, query=query, generating=False), None, gr.Button(visible=False)
+
+    def rename(self, name: str, conversation: Conversation | None, query: str = "") -> tuple[Any, ...]:
+        conversation = self.settle(conversation)
+        name = " ".join(str(name or "").split())
+        if name != conversation.name:
+            conversation.name = name
+            if conversation.messages:
+                self.store.save(conversation)
+        return self.page(conversation, full=True, query=query)
+
+    def search(self, query: str, conversation: Conversation | None) -> Any:
+        if conversation is None:
+            return gr.skip()
+        choices = listing_choices(self.store.list(conversation.owner), query)
+        return gr.Radio(choices=choices, value=conversation.id if any(i == conversation.id for _, i in choices)
+                        else None)
+
+    def refresh(self, conversation: Conversation | None, query: str, shown: Any) -> tuple[Any, Any]:
+        """The timer's check: the list again if it changed (another tab saved, renamed or deleted something)."""
+        if conversation is None:
+            return gr.skip(), gr.skip()
+        choices = listing_choices(self.store.list(conversation.owner), query)
+        if choices == shown:
+            return gr.skip(), gr.skip()
+        return gr.Radio(choices=choices, value=conversation.id if any(i == conversation.id for _, i in choices)
+                        else None), choices
+
+    def import_json(self, file: Any, conversation: Conversation | None, query: str = "") -> tuple[Any, ...]:
+        """A conversation from a JSON file (an export of this page, or a list of {"role", "content"}), opened."""
+        conversation = self.settle(conversation)
+        path = Path(getattr(file, "name", file) or "")
+        try:
+            if path.stat().st_size > MAX_IMPORT_BYTES:
+                raise ValueError(f"it is larger than {size_text(MAX_IMPORT_BYTES)}")
+            tree, _, name, system_prompt = from_record(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            note = f"{path.name} could not be imported: {e}"
+            gr.Warning(note)
+            return self.page(conversation, status=f'<span class="notice error">⚠ {html.escape(note)}</span>')
+        imported = Conversation(conversation.owner, new_id(), tree, time.time(), name, system_prompt)
+        self.store.save(imported)
+        self.notices[imported.id] = f"Imported {path.name}."
+        return self.page(imported, full=True, query=query, generating=False)
+
+    # Settings that belong to the conversation
+
+    def set_system_prompt(self, text: str, conversation: Conversation | None) -> Any:
+        if conversation is None or text == self.system_of(conversation):
+            return gr.skip()
+        conversation.system_prompt = text
+        if conversation.messages and conversation.id not in self.replies:
+            self.store.save(conversation)
+        return self.meter(conversation)
+
+    def draft_meter(self, text: str, attachments: list[dict[str, str]] | None,
+                    conversation: Conversation | None) -> Any:
+        if conversation is None:
+            return gr.skip()
+        reply = self.replies.get(conversation.id)
+        if reply is not None and not reply.finished:
+            return gr.skip()
+        return self.meter(conversation, draft=text or "", attachments=attachments)
+
+    def attach(self, files: list[Any] | None, attachments: list[dict[str, str]] | None, text: str,
+               conversation: Conversation | None) -> tuple[Any, ...]:
+        attachments = list(attachments or [])
+        attached, refused = read_uploads(files, len(attachments))
+        attachments += [a.as_dict() for a in attached]
+        for reason in refused:
+            gr.Warning(reason)
+        status = ('<span class="notice error">⚠ ' + html.escape("; ".join(refused)) + "</span>") if refused else ""
+        meter = self.meter(conversation, draft=text or "", attachments=attachments) if conversation else gr.skip()
+        return attachments, self.attachments_html(attachments), meter, status
+
+    def clear_attachments(self, text: str, conversation: Conversation | None) -> tuple[Any, ...]:
+        meter = self.meter(conversation, draft=text or "") if conversation else gr.skip()
+        return [], "", meter
+
+    # Changing the conversation shown
+
+    def switch_branch(self, action: str, conversation: Conversation | None) -> tuple[Any, ...]:
+        """‹ / › under a message: show its previous or next alternative (sent by page.js as "row:step:nonce")."""
+        if conversation is None:
+            return tuple(gr.skip() for _ in self.OUTPUTS)
+        try:
+            row, step = (int(part) for part in str(action).split(":")[:2])
+        except ValueError:
+            return self.page(conversation)
+        if conversation.id in self.replies or (conversation.messages and conversation.messages[-1].get("pending")):
+            return self.page(conversation, status='<span class="notice">The reply is still being written: stop it '
+                                                  "first to look at the alternatives.</span>")
+        _, meta = chat_view(conversation)
+        if 0 <= row < len(meta) and branches.switch(conversation.tree, meta[row].at, 1 if step > 0 else -1):
+            self.store.save(conversation)
+        return self.page(conversation)
+
+    def undo(self, conversation: Conversation | None) -> tuple[Any, ...]:
+        """Take back the last question (and its reply), putting its text and files back in the message box."""
+        conversation = self.settle(conversation)
+        users = [i for i, m in enumerate(conversation.messages) if m["role"] == "user"]
+        if not users:
+            return self.page(conversation)
+        question = conversation.messages[users[-1]]
+        branches.remove(conversation.tree, users[-1])
+        self.store.save(conversation)
+        attachments = list(question.get("attachments", []))
+        return self.page(conversation, box=question["content"], listing=True, attachments=attachments)
+
+    def stop(self, conversation: Conversation | None) -> tuple[Any, ...]:
+        return self.page(self.settle(conversation), generating=False)
+
+    # Generation: the quick step (show the question and an empty reply), then `generate`
+
+    def busy(self, conversation: Conversation) -> bool:
+        return conversation.id in self.replies or bool(
+            conversation.messages and conversation.messages[-1].get("pending"))
+
+    def refuse_busy(self, conversation: Conversation) -> tuple[Any, ...]:
+        note = ("A reply is still being written: stop it (Esc or ■) to send this one. Your message stays in the "
+                "box.")
+        gr.Warning(note)
+        return self.page(conversation, status=f'<span class="notice">{note}</span>')
+
+    def prepare_send(self, message: str, attachments: list[dict[str, str]] | None,
+                     conversation: Conversation | None) -> tuple[Any, ...]:
+        conversation = self.own(conversation)
+        if self.busy(conversation):
+            return self.refuse_busy(conversation)
+        attachments = list(attachments or [])
+        if not (message or "").strip() and not attachments:
+            return self.page(conversation)
+        question = {"role": "user", "content": message or ""}
+        if attachments:
+            question["attachments"] = attachments
+        branches.append(conversation.tree, question)
+        branches.append(conversation.tree, {"role": "assistant", "content": "", "pending": True})
+        self.store.save(conversation)
+        return self.page(conversation, box="", listing=True, attachments=[], generating=True)
+
+    def prepare_retry(self, data: gr.RetryData, conversation: Conversation | None) -> tuple[Any, ...]:
+        """Regenerate the last reply as a new alternative (the old one stays, under ‹ ›)."""
+        conversation = self.own(conversation)
+        if self.busy(conversation):
+            return self.refuse_busy(conversation)
+        shown = conversation.messages
+        if not any(m["role"] == "user" for m in shown):
+            return self.page(conversation)
+        reply = {"role": "assistant", "content": "", "pending": True}
+        if shown[-1]["role"] == "assistant":
+            branches.add_alternative(conversation.tree, len(shown) - 1, reply)
+        else:
+            branches.append(conversation.tree, reply)
+        return self.page(conversation, generating=True)
+
+    def prepare_edit(self, data: gr.EditData, conversation: Conversation | None) -> tuple[Any, ...]:
+        """An edited question becomes an alternative to it, answered anew (the old one stays, under ‹ ›)."""
+        conversation = self.own(conversation)
+        if self.busy(conversation):
+            return self.refuse_busy(conversation)
+        row = data.index[0] if isinstance(data.index, list | tuple) else data.index
+        _, meta = chat_view(conversation)
+        if not 0 <= row < len(meta) or meta[row].role != "user":
+            return self.page(conversation)
+        at = meta[row].at
+        original = conversation.messages[at]
+        edited = {"role": "user", "content": str(data.value)}
+        if original.get("attachments"):
+            edited["attachments"] = original["attachments"]
+        branches.add_alternative(conversation.tree, at, edited)
+        branches.append(conversation.tree, {"role": "assistant", "content": "", "pending": True})
+        self.store.save(conversation)
+        return self.page(conversation, listing=True, generating=True)
+
+    def generate(self, conversation: Conversation | None, system_prompt: str, policy: str, temperature: float,
+                 top_p: float, top_k: float, min_p: float, repetition_penalty: float, max_tokens: float,
+                 seed: float = -1) -> Iterator[tuple[Any, ...]]:
+        """Write the reply the quick step left empty at the end of the conversation, yielding the page."""
+        if conversation is None or not conversation.messages or not conversation.messages[-1].get("pending") \
+                or conversation.id in self.replies:
+            yield tuple(gr.skip() for _ in self.OUTPUTS)
+            return
+        options = sampling_options(temperature, top_p, top_k, min_p, repetition_penalty, max_tokens, seed)
+        yield from self.stream_reply(conversation, system_prompt, policy or DROP_OLDEST, options)
+
+    def api_send(self, message: str, conversation: Conversation | None, system_prompt: str, temperature: float,
+                 top_p: float, top_k: float, min_p: float, repetition_penalty: float, max_tokens: float,
+                 seed: float = -1) -> Iterator[tuple[Any, ...]]:
+        """`/send` for API clients: both steps in one call (their client reads one event's updates)."""
+        conversation = self.own(conversation)
+        page = self.prepare_send(message, [], conversation)
+        if not conversation.messages or not conversation.messages[-1].get("pending") \
+                or conversation.id in self.replies:
+            yield page
+            return
+        yield from self.generate(conversation, system_prompt, DROP_OLDEST, temperature, top_p, top_k, min_p,
+                                 repetition_penalty, max_tokens, seed)
+
+    def stream_reply(self, conversation: Conversation, system_prompt: str, policy: str,
+                     options: dict[str, Any]) -> Iterator[tuple[Any, ...]]:
+        """Generate into the conversation's last message (an empty pending reply), yielding the page as it grows."""
+        self.settle_orphans()
+        message = conversation.messages[-1]
+        conversation.system_prompt = system_prompt
+        turns = model_messages(conversation.messages[:-1])
+        if self.worker.tokenizer is not None and self.worker.load_error is None:
+            fitted = fit(self.worker.tokenizer, system_prompt, turns, self.context_length, options["max_tokens"],
+                         policy)
+            if fitted.error is not None:
+                message.pop("pending", None)
+                message.update(content=fitted.error, error=True)
+                self.store.save(conversation)
+                yield self.page(conversation, listing=True, generating=False)
+                return
+            prompt, prompt_tokens, dropped = fitted.ids, len(fitted.ids), fitted.dropped
+        else:  # the model failed to load: the worker answers with that error
+            prompt, prompt_tokens, dropped = turns, 0, 0
+        try:
+            job = self.worker.submit(conversation.id, prompt, **options)
+        except QwenMLXError as e:  # the worker's queue is full
+            message.pop("pending", None)
+            message.update(content=describe_error(e), error=True)
+            self.store.save(conversation)
+            yield self.page(conversation, listing=True, generating=False)
+            return
+        reply = LiveReply(conversation, message, job, self.worker, prompt_tokens, dropped, self.opens_thinking,
+                          lambda: self.ahead_of(reply))
+        with self._lock:
+            self.replies[conversation.id] = reply
+            self.queue.append(reply)
+        try:
+            yield self.page(conversation, generating=True)
+            saved = time.monotonic()
+            while not reply.finished:
+                if reply.pump(until=time.monotonic() + UPDATE_INTERVAL):
+                    yield self.page(conversation, streaming=True)
+                if time.monotonic() - saved >= SAVE_INTERVAL and not reply.finished:
+                    self.store.save(conversation)
+                    saved = time.monotonic()
+            if self.replies.get(conversation.id) is reply:
+                del self.replies[conversation.id]
+            self.after_reply(reply)
+            self.store.save(conversation)
+            yield self.page(conversation, listing=True, generating=False)
+        finally:
+            # Also runs when Gradio closes the generator (a cancelled event, a closed tab): the worker stops
+            # within a token. Then this runs on the server's event loop, so it only raises the flag and saves;
+            # `LiveReply.finish` takes the last chunks later.
+            job.cancel()
+            self.store.save(conversation)
+            reply.handler_exited.set()
+
+    def after_reply(self, reply: LiveReply) -> None:
+        if reply.emptied:
+            prefill = reply.job.prefill
+            read = f" ({prefill[0]} of {prefill[1]} tokens read)" if prefill else ""
+            self.notices[reply.conversation.id] = (f"Stopped while reading the prompt{read}: nothing was written. "
+                                                   "Send again, or edit your message.")
+
+    def ahead_of(self, reply: LiveReply) -> int:
+        with self._lock:
+            self.queue = [r for r in self.queue if not (r.job.started.is_set() or r.job.done.is_set())]
+            if reply not in self.queue:
+                return 0
+            return self.queue.index(reply)
+
+    def own(self, conversation: Conversation | None) -> Conversation:
+        """The session's conversation (a new one for a new API client), with its reply in progress left alone, or
+        finished if the handler that streamed it is gone (a cancelled API call, a reloaded page)."""
+        if conversation is None:
+            return Conversation()
+        reply = self.replies.get(conversation.id)
+        if reply is None:
+            return conversation
+        if reply.handler_exited.is_set():
+            return self.settle(conversation)
+        return reply.conversation
+
+    def settle(self, conversation: Conversation | None) -> Conversation:
+        """The session's conversation (a new one for a new API client), its reply in progress finished."""
+        if conversation is None:
+            return Conversation()
+        with self._lock:
+            reply = self.replies.pop(conversation.id, None)
+        if reply is None:
+            shown = conversation.messages
+            if shown and shown[-1].get("pending") and not shown[-1]["content"]:
+                branches.detach(conversation.tree, shown[-1])  # a quick step whose reply never started
+            return conversation
+        reply.finish(self.store)
+        self.after_reply(reply)
+        return reply.conversation  # after a page reload, `conversation` is a copy read from disk
+
+    def settle_orphans(self) -> None:
+        """Finish the replies whose page went away (a closed tab), so their statistics are saved too."""
+        for conversation_id, reply in list(self.replies.items()):
+            if reply.handler_exited.is_set() and reply.job.done.is_set():
+                with self._lock:
+                    mine = self.replies.get(conversation_id) is reply
+                    if mine:
+                        del self.replies[conversation_id]
+                if mine:
+                    reply.finish(self.store)
