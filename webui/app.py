@@ -17,7 +17,7 @@ import gradio as gr
 
 from qwen_mlx.request import MAX_TOKENS_LIMIT
 from qwen_mlx.sample import SamplingParams
-from qwen_mlx.webui.chat import ChatApp
+from qwen_mlx.webui.chat import DEFAULT_MAX_TOKENS, ChatApp
 from qwen_mlx.webui.context import DROP_OLDEST, POLICIES
 from qwen_mlx.webui.conversations import ConversationStore
 from qwen_mlx.webui.rendering import LATEX_DELIMITERS
@@ -26,7 +26,6 @@ from qwen_mlx.worker import ModelWorker
 HERE = Path(__file__).parent
 CSS = (HERE / "page.css").read_text(encoding="utf-8")
 HEAD = f"<script>\n{(HERE / 'page.js').read_text(encoding='utf-8')}\n</script>"
-DEFAULT_MAX_TOKENS = 2048
 REFRESH_SECONDS = 3.0  # how often a tab looks for conversations that other tabs saved, renamed or deleted
 PRESETS = {
     "Model default": None,  # the chat template's own system prompt
@@ -51,13 +50,8 @@ def model_info(worker: ModelWorker, model_name: str, demo: bool) -> str:
     return info
 
 
-def remember(policy: str, *sampling: Any) -> dict[str, Any]:
-    """The settings this browser keeps (its localStorage) across reloads."""
-    names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed")
-    return {"policy": policy, **dict(zip(names, sampling, strict=True))}
-
-
 def recall(saved: Any) -> tuple[Any, ...]:
+    """The settings this browser kept (its localStorage) across reloads, back in their controls."""
     names = ("policy", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed")
     if not isinstance(saved, dict):
         return tuple(gr.skip() for _ in names)
@@ -200,7 +194,7 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
         clear_attachments.click(app.clear_attachments, [message, conversation], [attachments, attachments_view,
                                                                                   meter], **quick)
         for control in (policy, *sampling):
-            control.change(remember, [policy, *sampling], saved_settings, **quick)
+            control.change(app.remember, [conversation, policy, *sampling], [saved_settings, meter], **quick)
 
         then_export(page.load(app.restore, [owner, open_id], [owner, *outputs], **quick))
         page.load(recall, [saved_settings], [policy, *sampling], **quick)

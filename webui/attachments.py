@@ -83,7 +83,12 @@ def with_attachments(text: str, attachments: list[dict[str, str]]) -> str:
     """The user's message as the model reads it: their text, then each file under its name."""
     parts = [text] if text.strip() else []
     for a in attachments:
-        longest = max((len(run) for run in re.findall(r"`+", a["text"])), default=0)
-        fence = "`" * max(3, longest + 1)
-        parts.append(f"File `{a['name']}`:\n{fence}\n{a['text'].rstrip()}\n{fence}")
+        parts.append(f"File `{a['name']}`:\n{fenced(a['text'])}")
     return "\n\n".join(parts)
+
+
+def fenced(text: str) -> str:
+    """`text` as a markdown code block whose fence is longer than any run of backticks in it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text.rstrip()}\n{fence}"

@@ -26,14 +26,15 @@ import gradio as gr
 
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.webui import branches
-from qwen_mlx.webui.attachments import read_uploads, size_text, with_attachments
-from qwen_mlx.webui.context import DROP_OLDEST, fit, meter_html, model_messages, prompt_ids
+from qwen_mlx.webui.attachments import read_uploads, size_text
+from qwen_mlx.webui.context import DROP_OLDEST, fit, meter_html, model_messages, prompt_ids, reply_room
 from qwen_mlx.webui.conversations import Conversation, ConversationStore, Summary, from_record, is_id, new_id
 from qwen_mlx.webui.export import write_exports
 from qwen_mlx.webui.rendering import THINK_OPEN, chat_view, meta_json
 from qwen_mlx.worker import Job, ModelWorker
 
 UPDATE_INTERVAL = 0.04  # seconds between page updates while a reply streams: Gradio re-sends the message each time
+DEFAULT_MAX_TOKENS = 2048
 SAVE_INTERVAL = 1.0  # seconds between saves of a reply being written (a killed server keeps the text so far)
 PROGRESS_FROM = 512  # prompt tokens to compute from which the reply shows how far their reading has come
 MAX_IMPORT_BYTES = 20 * 1024 * 1024
@@ -104,8 +105,11 @@ class LiveReply:
         waiting = prefill = None
         if not self.finished and not self.job.done.is_set() and self.generated == 0:
             if not self.job.started.is_set():
-                ahead = self.ahead()
-                waiting = f"waiting for the model: {ahead} ahead of you" if ahead else "waiting for the model"
+                # The replies that must end before this one starts: those waiting before it, and one of those
+                # being written (when every row is taken; else it starts right away).
+                before = self.ahead()
+                if before or self.worker.active >= self.worker.max_batch:
+                    waiting = f"waiting for the model: {before + 1} ahead of you"
             elif self.job.prefill is not None and self.job.prefill[1] > PROGRESS_FROM:
                 done, total = self.job.prefill
                 prefill = [min(done, total), total]
@@ -197,6 +201,7 @@ class ChatApp:
         self.notices: dict[str, str] = {}  # conversation id → a note for its next page (e.g. "stopped early")
         self._lock = threading.Lock()
         self._counts: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # conversation id → (key, prompt tokens)
+        self.settings: dict[str, tuple[str, int]] = {}  # owner → (context policy, max tokens) of its page
         self.default_system = default_system_prompt(worker)
         self.opens_thinking = template_opens_thinking(worker)
         self.context_length = worker.model.config.context_length if worker.model is not None else 0
@@ -249,55 +254,76 @@ class ChatApp:
         """The line above the message box: what the model is doing for this conversation, or a note."""
         reply = self.replies.get(conversation.id)
         if reply is not None and not reply.finished:
+            # The details (how many wait before it, how far the prompt's reading has come) are in the reply.
             if "waiting" in reply.message:
-                return f'<span class="busy waiting">{reply.message["waiting"].capitalize()}</span>'
-            if "prefill" in reply.message:
-                done, total = reply.message["prefill"]
-                return f'<span class="busy prefill">Reading the prompt: {done} / {total} tokens</span>'
+                return '<span class="busy waiting">● Waiting for the model · Esc or ■ cancels</span>'
+            if reply.generated == 0:
+                return '<span class="busy prefill">● Reading the prompt · Esc or ■ stops</span>'
             return (f'<span class="busy writing">● Writing the reply: {reply.generated} tokens · Esc or ■ '
                     "stops</span>")
         if conversation.messages and conversation.messages[-1].get("pending"):
-            return '<span class="busy waiting">Waiting for the model</span>'
+            return '<span class="busy waiting">● Waiting for the model</span>'
         notice = self.notices.pop(conversation.id, None)
         return f'<span class="notice">{html.escape(notice)}</span>' if notice else ""
 
-    def prompt_tokens(self, conversation: Conversation, draft: list[dict[str, str]] | None = None) -> int:
-        """What the conversation's next prompt costs, with the message being written (`draft`)."""
-        if self.worker.tokenizer is None:
-            return 0
+    def next_prompt(self, conversation: Conversation, draft: dict[str, Any] | None = None) -> tuple[int, int]:
+        """(tokens, oldest messages left out) of the prompt that sending `draft` (the message being written, with
+        its attachments) would send, under this browser's policy for a full context."""
+        tokenizer = self.worker.tokenizer
+        if tokenizer is None:
+            return 0, 0
+        system = self.system_of(conversation)
         messages = [m for m in conversation.messages if not (m.get("pending") and not m["content"])]
-        key = (self.system_of(conversation), tuple((id(m), len(m["content"])) for m in messages))
+        key = (system, tuple((id(m), len(m["content"])) for m in messages))
         cached = self._counts.get(conversation.id)
         if cached is not None and cached[0] == key:
-            count = cached[1]
+            used = cached[1]
         else:
-            count = len(prompt_ids(self.worker.tokenizer, self.system_of(conversation), model_messages(messages)))
-            self._counts[conversation.id] = (key, count)
+            used = len(prompt_ids(tokenizer, system, model_messages(messages)))
+            self._counts[conversation.id] = (key, used)
             self._counts.move_to_end(conversation.id)
             while len(self._counts) > 256:
                 self._counts.popitem(last=False)
-        if draft:
-            count += len(self.worker.tokenizer.encode(with_attachments(draft[0]["content"], draft[0].get(
-                "attachments", [])))) + 5  # the template's markers around a user message
-        return count
+        # Without a draft, what the next message (however short) would send: then the oldest turns can go.
+        turns = model_messages([*messages, draft or {"role": "user", "content": ""}])
+        used += len(tokenizer.encode(turns[-1]["content"])) + 5  # with the template's markers around it
+        policy, max_tokens = self.settings.get(conversation.owner, (DROP_OLDEST, DEFAULT_MAX_TOKENS))
+        if policy == DROP_OLDEST and used + reply_room(self.context_length, max_tokens) > self.context_length:
+            fitted = fit(tokenizer, system, turns, self.context_length, max_tokens, policy)
+            if fitted.error is None:
+                return len(fitted.ids), fitted.dropped
+        return used, 0
 
     def meter(self, conversation: Conversation, reply: LiveReply | None = None, draft: str = "",
               attachments: list[dict[str, str]] | None = None) -> str:
+        """The context meter: what the reply being written fills, or what the next message would."""
         if not self.context_length:
             return ""
         if reply is not None:
-            used = reply.prompt_tokens + reply.generated
+            used, dropped = reply.prompt_tokens + reply.generated, reply.dropped
         else:
-            pending = [{"role": "user", "content": draft, "attachments": attachments or []}] \
+            pending = {"role": "user", "content": draft, "attachments": attachments or []} \
                 if draft.strip() or attachments else None
-            used = self.prompt_tokens(conversation, pending)
-        last = next((m for m in reversed(conversation.messages) if "stats" in m), None)
-        note = ""
-        if last is not None and last["stats"].get("dropped"):
-            note = f"the {last['stats']['dropped']} oldest messages are no longer in the model's context"
+            used, dropped = self.next_prompt(conversation, pending)
+        if dropped:
+            note = f"the {dropped} oldest messages are left out of the prompt"
+        elif used >= self.context_length:
+            note = "the conversation no longer fits: see “When the context is full”"
         elif used >= 0.9 * self.context_length:
             note = "nearly full: see “When the context is full”"
+        else:
+            note = ""
         return meter_html(used, self.context_length, note)
+
+    def remember(self, conversation: Conversation | None, policy: str, *sampling: Any) -> tuple[Any, Any]:
+        """Keep the settings in this browser's storage (and here, for the meter); the meter they give."""
+        names = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens", "seed")
+        saved = {"policy": policy, **dict(zip(names, sampling, strict=True))}
+        if conversation is None:
+            return saved, gr.skip()
+        max_tokens = int(saved["max_tokens"]) if isinstance(saved["max_tokens"], int | float) else DEFAULT_MAX_TOKENS
+        self.settings[conversation.owner] = (policy, max_tokens)
+        return saved, self.meter(conversation)
 
     def attachments_html(self, attachments: list[dict[str, str]]) -> str:
         if not attachments:

@@ -110,7 +110,9 @@ def meter_html(used: int, context_length: int, note: str = "") -> str:
         return ""
     share = used / context_length
     level = "full" if share >= FULL_AT else "warn" if share >= WARN_AT else "ok"
-    text = f"context {used} / {context_length} tokens ({100 * share:.0f}%)"
+    text = f"context {used} / {context_length} tokens ({100 * share:.0f}%)" if share < 1 else \
+        f"context {used} / {context_length} tokens (full)"
+    used = min(used, context_length)
     note_html = f' <span class="meter-note">{html.escape(note)}</span>' if note else ""
     return (
         f'<div class="context-meter {level}" data-used="{used}" data-size="{context_length}">'

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from qwen_mlx.files import replaced_atomically
+from qwen_mlx.webui.attachments import fenced
 from qwen_mlx.webui.conversations import Conversation, to_record
 from qwen_mlx.webui.rendering import attachment_line, split_thinking, stats_line
 
@@ -22,7 +23,7 @@ def to_markdown(conversation: Conversation, system_prompt: str) -> str:
         if m["role"] == "user":
             lines += ["## User", "", m["content"], ""]
             for a in m.get("attachments", []):
-                lines += [f"{attachment_line([a])}:", "", "```", a["text"].rstrip(), "```", ""]
+                lines += [f"{attachment_line([a])}:", "", fenced(a["text"]), ""]
             continue
         lines += ["## Assistant", ""]
         if m.get("error"):

@@ -112,7 +112,15 @@
 
   document.addEventListener("click", (event) => {
     const control = event.target.closest("button, input[type=radio]");
-    if (!control || !wide()) return;
+    if (!control) return;
+    if (!wide()) {
+      // On a phone the list covers the page: picking a conversation (or a new one) closes it.
+      if (control.closest("#conversations, #new-chat")) {
+        const sidebar = $("#sidebar");
+        if (sidebar?.classList.contains("open")) setTimeout(() => $(".toggle-button", sidebar)?.click(), 0);
+      }
+      return;
+    }
     if (control.closest("#message, #settings, #search, #title, #attach, #import-json, .toggle-button")) return;
     if ((control.getAttribute("aria-label") || "") === "Edit") return; // the edit box takes the focus
     setTimeout(focusMessage, 0);
