@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,13 +42,15 @@ def write_test_model(folder: Path, context: int) -> Path:
     return folder
 
 
-def start_webui(model: Path, home: Path, token_delay: float, port: int | None = None) -> tuple[Any, str]:
+def start_webui(model: Path, home: Path, token_delay: float, port: int | None = None,
+                extra_args: tuple[str, ...] = ()) -> tuple[Any, str]:
     """`qwen-mlx webui` on `port` (default: a free one); the process and its URL once it answers."""
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}/"
     process = start_server(
-        ["webui", "--model", str(model), "--port", str(port), "--max-queue", "8"], url, home / f"server-{port}.log",
+        ["webui", "--model", str(model), "--port", str(port), "--max-queue", "8", *extra_args], url,
+        home / f"server-{port}.log",
         env={"QWEN_MLX_HOME": str(home), "QWEN_MLX_TOKEN_DELAY": str(token_delay), "GRADIO_ANALYTICS_ENABLED": "False"},
     )
     return process, url
@@ -180,5 +183,43 @@ def test_a_model_that_fails_to_load_is_an_error_in_the_chat_and_the_server_goes_
         for question in ("Hello?", "Still there?"):
             chat = texts(c.predict(question, api_name="/send")[0])
             assert "Error" in chat[-1] and "model_type is 'llama'" in chat[-1]
+    finally:
+        stop_server(process)
+
+
+def test_kill_9_during_a_reply_keeps_the_text_streamed_so_far(server: tuple[str, Path], tmp_path: Path) -> None:
+    """The reply is saved every second while it streams, so a server killed without warning (kill -9, a crash, a
+    power cut) loses at most the last second of it, and the conversation opens after a restart."""
+    from qwen_mlx.webui.conversations import ConversationStore
+    from qwen_mlx.webui.rendering import chat_view
+
+    model = Path(server[1]).parent / "model"
+    home = tmp_path / "home"
+    process, url = start_webui(model, home, TOKEN_DELAY)
+    try:
+        job = client(url).submit("Keep talking", max_tokens=4000, api_name="/send")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            outputs = job.outputs()
+            if outputs and len(outputs[-1][0]) == 2 and len(texts(outputs[-1][0])[1]) > 40:
+                break
+            time.sleep(0.05)
+        seen = unmath(texts(job.outputs()[-1][0])[1])
+        time.sleep(1.5)  # a save (every second) after `seen` was streamed
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+        process, url = start_webui(model, home, TOKEN_DELAY, port=int(url.rstrip("/").rsplit(":", 1)[1]))
+        store = ConversationStore(home / "conversations")
+        (owner,) = [p.name for p in (home / "conversations").iterdir()]
+        (saved,) = store.list(owner)
+        conversation = store.load(owner, saved.id)
+        question, reply = conversation.messages
+        assert question["content"] == "Keep talking"
+        assert reply["content"].startswith(seen) and len(reply["content"]) >= len(seen) > 40
+        assert "stats" not in reply  # it never ended: the page says so
+        assert chat_view(conversation)[1][1].footer.startswith("interrupted")
+        # ... and the restarted server answers.
+        assert reply_stats(footers(client(url).predict("Still there?", max_tokens=3, api_name="/send"))[1])[2] == 3
     finally:
         stop_server(process)

@@ -68,7 +68,9 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
     with gr.Blocks(title="qwen-mlx chat", fill_height=True, delete_cache=(3600, 86400)) as page:
         owner = gr.BrowserState(None, storage_key="qwen-mlx-owner", secret=browser_secret)
         open_id = gr.BrowserState(None, storage_key="qwen-mlx-open", secret=browser_secret)
-        saved_settings = gr.BrowserState(None, storage_key="qwen-mlx-settings")
+        # (BrowserState encrypts with a key made at each start unless given one: the settings too must survive a
+        # restart.)
+        saved_settings = gr.BrowserState(None, storage_key="qwen-mlx-settings", secret=browser_secret)
         conversation = gr.State(None)  # set by the page load, or by the first request of an API client
         deleted = gr.State(None)  # the conversation last deleted, for Undo
         attachments = gr.State([])  # files attached to the message being written: [{"name", "text"}]

@@ -36,6 +36,7 @@ from qwen_mlx.worker import Job, ModelWorker
 UPDATE_INTERVAL = 0.04  # seconds between page updates while a reply streams: Gradio re-sends the message each time
 DEFAULT_MAX_TOKENS = 2048
 SAVE_INTERVAL = 1.0  # seconds between saves of a reply being written (a killed server keeps the text so far)
+NOTICE_SECONDS = 20.0
 PROGRESS_FROM = 512  # prompt tokens to compute from which the reply shows how far their reading has come
 MAX_IMPORT_BYTES = 20 * 1024 * 1024
 SKIP = object()  # page(): leave this output as it is
@@ -54,9 +55,11 @@ class LiveReply:
         self.dropped = dropped  # the oldest messages its prompt leaves out
         self.opens_thinking = opens_thinking  # the chat template opened a <think> block for the model
         self.ahead = ahead  # () → how many replies wait for a row before this one
+        self.origin = message.get("origin")  # what asked for it: "send", "edit" or "retry"
         self.generated = 0
         self.finished = False
-        self.emptied = False  # stopped before its first token: its message was removed
+        self.emptied = False  # stopped before its first token: there is no reply
+        self.accounted = False  # ChatApp.after_reply has run
         self.handler_exited = threading.Event()  # the generator that streams this reply is gone
 
     def pump(self, until: float) -> bool:
@@ -88,16 +91,15 @@ class LiveReply:
         self._settle_message()
         self.finished = True
         if chunk.finish_reason == "cancelled" and self.generated == 0 and not self.message["content"]:
-            # Stopped while its prompt was read (or while it waited): there is no reply, so no message and no
-            # statistics of a reply that never was; the question stays, to send again or edit.
+            # Stopped while its prompt was read (or while it waited): there was no reply, so there is no message
+            # and no statistics of a reply that never was (ChatApp.after_reply takes them out).
             self.emptied = True
-            branches.detach(self.conversation.tree, self.message)
             return
         stats = asdict(chunk.stats) if chunk.stats is not None else {}
         self.message["stats"] = {**stats, "finish_reason": chunk.finish_reason, "dropped": self.dropped}
 
     def _settle_message(self) -> None:
-        for key in ("pending", "waiting", "prefill"):
+        for key in ("pending", "waiting", "prefill", "origin"):
             self.message.pop(key, None)
 
     def _show_progress(self) -> bool:
@@ -198,7 +200,10 @@ class ChatApp:
         self.export_root = export_root or Path(tempfile.gettempdir()) / "qwen-mlx-exports"
         self.replies: dict[str, LiveReply] = {}  # conversation id → its reply being generated or not yet settled
         self.queue: list[LiveReply] = []  # replies submitted and not yet decoding, oldest first
-        self.notices: dict[str, str] = {}  # conversation id → a note for its next page (e.g. "stopped early")
+        # conversation id → (a note for its pages, until when): e.g. "stopped before the reply began"
+        self.notices: dict[str, tuple[str, float]] = {}
+        # conversation id → (text, attachments) of a message taken back, for its next page's message box
+        self.returned: dict[str, tuple[str, list[dict[str, str]]]] = {}
         self._lock = threading.Lock()
         self._counts: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # conversation id → (key, prompt tokens)
         self.settings: dict[str, tuple[str, int]] = {}  # owner → (context policy, max tokens) of its page
@@ -219,6 +224,8 @@ class ChatApp:
         conversation (its system prompt, title, the address bar's memory of it), as on opening it."""
         reply = self.replies.get(conversation.id)
         live = {id(reply.message)} if reply is not None and not reply.finished else set()
+        if conversation.id in self.returned and not streaming:
+            box, attachments = self.returned.pop(conversation.id)
         rows, meta = chat_view(conversation, live)
         if box is SKIP and generating is None:
             message = gr.skip()
@@ -251,20 +258,24 @@ class ChatApp:
         )
 
     def status_html(self, conversation: Conversation) -> str:
-        """The line above the message box: what the model is doing for this conversation, or a note."""
+        """The line above the message box: what the model is doing for this conversation, and a note if any."""
+        notice, until = self.notices.get(conversation.id, ("", 0.0))
+        if notice and time.monotonic() > until:
+            self.notices.pop(conversation.id, None)
+            notice = ""
+        note = f' <span class="notice">{html.escape(notice)}</span>' if notice else ""
         reply = self.replies.get(conversation.id)
         if reply is not None and not reply.finished:
             # The details (how many wait before it, how far the prompt's reading has come) are in the reply.
             if "waiting" in reply.message:
-                return '<span class="busy waiting">● Waiting for the model · Esc or ■ cancels</span>'
+                return '<span class="busy waiting">● Waiting for the model · Esc or ■ cancels</span>' + note
             if reply.generated == 0:
-                return '<span class="busy prefill">● Reading the prompt · Esc or ■ stops</span>'
+                return '<span class="busy prefill">● Reading the prompt · Esc or ■ stops</span>' + note
             return (f'<span class="busy writing">● Writing the reply: {reply.generated} tokens · Esc or ■ '
-                    "stops</span>")
+                    "stops</span>") + note
         if conversation.messages and conversation.messages[-1].get("pending"):
-            return '<span class="busy waiting">● Waiting for the model</span>'
-        notice = self.notices.pop(conversation.id, None)
-        return f'<span class="notice">{html.escape(notice)}</span>' if notice else ""
+            return '<span class="busy waiting">● Waiting for the model</span>' + note
+        return note.strip()
 
     def next_prompt(self, conversation: Conversation, draft: dict[str, Any] | None = None) -> tuple[int, int]:
         """(tokens, oldest messages left out) of the prompt that sending `draft` (the message being written, with
@@ -427,7 +438,7 @@ class ChatApp:
             return self.page(conversation, status=f'<span class="notice error">⚠ {html.escape(note)}</span>')
         imported = Conversation(conversation.owner, new_id(), tree, time.time(), name, system_prompt)
         self.store.save(imported)
-        self.notices[imported.id] = f"Imported {path.name}."
+        self.notify(imported, f"Imported {path.name}.")
         return self.page(imported, full=True, query=query, generating=False)
 
     # Settings that belong to the conversation
@@ -504,16 +515,16 @@ class ChatApp:
             conversation.messages and conversation.messages[-1].get("pending"))
 
     def refuse_busy(self, conversation: Conversation) -> tuple[Any, ...]:
-        note = ("A reply is still being written: stop it (Esc or ■) to send this one. Your message stays in the "
-                "box.")
-        gr.Warning(note)
-        return self.page(conversation, status=f'<span class="notice">{note}</span>')
+        self.notify(conversation, "A reply is still being written: stop it (Esc or ■) to send this one. Your "
+                                  "message stays in the box.")
+        return self.page(conversation)
 
     def prepare_send(self, message: str, attachments: list[dict[str, str]] | None,
                      conversation: Conversation | None) -> tuple[Any, ...]:
         conversation = self.own(conversation)
         if self.busy(conversation):
             return self.refuse_busy(conversation)
+        self.notices.pop(conversation.id, None)
         attachments = list(attachments or [])
         if not (message or "").strip() and not attachments:
             return self.page(conversation)
@@ -521,7 +532,7 @@ class ChatApp:
         if attachments:
             question["attachments"] = attachments
         branches.append(conversation.tree, question)
-        branches.append(conversation.tree, {"role": "assistant", "content": "", "pending": True})
+        branches.append(conversation.tree, {"role": "assistant", "content": "", "pending": True, "origin": "send"})
         self.store.save(conversation)
         return self.page(conversation, box="", listing=True, attachments=[], generating=True)
 
@@ -530,10 +541,11 @@ class ChatApp:
         conversation = self.own(conversation)
         if self.busy(conversation):
             return self.refuse_busy(conversation)
+        self.notices.pop(conversation.id, None)
         shown = conversation.messages
         if not any(m["role"] == "user" for m in shown):
             return self.page(conversation)
-        reply = {"role": "assistant", "content": "", "pending": True}
+        reply = {"role": "assistant", "content": "", "pending": True, "origin": "retry"}
         if shown[-1]["role"] == "assistant":
             branches.add_alternative(conversation.tree, len(shown) - 1, reply)
         else:
@@ -545,6 +557,7 @@ class ChatApp:
         conversation = self.own(conversation)
         if self.busy(conversation):
             return self.refuse_busy(conversation)
+        self.notices.pop(conversation.id, None)
         row = data.index[0] if isinstance(data.index, list | tuple) else data.index
         _, meta = chat_view(conversation)
         if not 0 <= row < len(meta) or meta[row].role != "user":
@@ -555,7 +568,7 @@ class ChatApp:
         if original.get("attachments"):
             edited["attachments"] = original["attachments"]
         branches.add_alternative(conversation.tree, at, edited)
-        branches.append(conversation.tree, {"role": "assistant", "content": "", "pending": True})
+        branches.append(conversation.tree, {"role": "assistant", "content": "", "pending": True, "origin": "edit"})
         self.store.save(conversation)
         return self.page(conversation, listing=True, generating=True)
 
@@ -638,11 +651,43 @@ class ChatApp:
             reply.handler_exited.set()
 
     def after_reply(self, reply: LiveReply) -> None:
+        """Once a reply has ended: one stopped before its first token leaves no trace, and the message that asked
+        for it (a question just sent or edited) goes back into the message box, to send again."""
+        if reply.accounted:
+            return
+        reply.accounted = True
         if reply.emptied:
+            back = self.take_back(reply.conversation, reply.message, reply.origin)
             prefill = reply.job.prefill
             read = f" ({prefill[0]} of {prefill[1]} tokens read)" if prefill else ""
-            self.notices[reply.conversation.id] = (f"Stopped while reading the prompt{read}: nothing was written. "
-                                                   "Send again, or edit your message.")
+            self.notify(reply.conversation, f"Stopped while reading the prompt{read}: nothing was written."
+                        + (" Your message is back in the box." if back else ""))
+        self.store.save(reply.conversation)
+
+    def notify(self, conversation: Conversation, note: str) -> None:
+        """A note above the message box, on this conversation's pages for a while (every page of the action that
+        caused it shows it, whichever arrives last) or until the next question."""
+        self.notices[conversation.id] = (note, time.monotonic() + NOTICE_SECONDS)
+
+    def take_back(self, conversation: Conversation, reply: dict[str, Any], origin: str | None) -> bool:
+        """Remove a reply that never began; if the message that asked for it was just sent or edited, remove
+        that too and put it back in the message box (for the next page). Whether a message went back."""
+        question = self.question_of(conversation.tree, reply) if origin in ("send", "edit") else None
+        branches.detach(conversation.tree, question or reply)
+        if question is not None:
+            self.returned[conversation.id] = (question["content"], list(question.get("attachments", [])))
+        return question is not None
+
+    @staticmethod
+    def question_of(tree: dict[str, Any], reply: dict[str, Any]) -> dict[str, Any] | None:
+        """The user message that `reply` answers (its parent in the tree), if it answers only with this reply."""
+        stack = [tree]
+        while stack:
+            at = stack.pop()
+            if any(child is reply for child in at["children"]):
+                return at if at.get("role") == "user" and len(at["children"]) == 1 else None
+            stack += at["children"]
+        return None
 
     def ahead_of(self, reply: LiveReply) -> int:
         with self._lock:
@@ -671,8 +716,8 @@ class ChatApp:
             reply = self.replies.pop(conversation.id, None)
         if reply is None:
             shown = conversation.messages
-            if shown and shown[-1].get("pending") and not shown[-1]["content"]:
-                branches.detach(conversation.tree, shown[-1])  # a quick step whose reply never started
+            if shown and shown[-1].get("pending") and not shown[-1]["content"]:  # its reply never started
+                self.take_back(conversation, shown[-1], shown[-1].get("origin"))
             return conversation
         reply.finish(self.store)
         self.after_reply(reply)
@@ -688,3 +733,4 @@ class ChatApp:
                         del self.replies[conversation_id]
                 if mine:
                     reply.finish(self.store)
+                    self.after_reply(reply)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _ID = re.compile(r"[0-9a-f]{32}")
 TITLE_LENGTH = 48
 # Keys a message carries only while the page shows it (a reply waiting for a row, its prompt being read).
-TRANSIENT = frozenset({"waiting", "pending", "prefill"})
+TRANSIENT = frozenset({"waiting", "pending", "prefill", "origin"})
 
 
 def new_id() -> str:
