@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -147,6 +148,13 @@ def choose_file(page: Any, button: str, *paths: Path) -> None:
     with page.expect_file_chooser() as chooser:
         page.locator(button).click()
     chooser.value.set_files([str(p) for p in paths])
+
+
+def copy_last_reply(page: Any) -> str:
+    """What the last reply's Copy button puts on the clipboard: its text as the server sent it."""
+    page.evaluate("""() => [...document.querySelectorAll('#chatbot .message-row')].pop()
+                     .nextElementSibling.querySelector('button[aria-label="Copy message"]').click()""")
+    return page.evaluate("() => window.__copied[window.__copied.length - 1]")
 
 
 def focused_id(page: Any) -> str | None:
@@ -311,11 +319,9 @@ def test_prices_stay_prices_stats_stay_out_of_code_and_reasoning_folds_away(
     expect(bot.locator(".qm-footer")).to_contain_text("stopped")
     assert bot.locator("pre").inner_text().strip() == "print('$5 and $10')\nx = 1"
     assert bot.locator(".message-content .qm-footer").count() == 0
-    page.evaluate("""() => [...document.querySelectorAll('#chatbot .message-row')].pop()
-                     .nextElementSibling.querySelector('button[aria-label="Copy message"]').click()""")
+    assert copy_last_reply(page) == answer
     page.locator("#chatbot button[aria-label='Copy conversation']").click()
     copied = page.evaluate("() => window.__copied")
-    assert copied[0] == answer
     assert "$5 prices" in copied[1] and "prompt 35 tokens" not in copied[1] and "stopped" not in copied[1]
 
     # The reasoning is a collapsed "Thinking" block above the answer, and it opens on a click.
@@ -617,8 +623,11 @@ def test_settings_belong_to_the_conversation_an_empty_system_prompt_sends_none_a
     expect(system).to_have_value(re.compile("^You are an expert programmer"))
 
     # Sampling and the context policy are this browser's, across reloads.
-    set_number(page, "temperature", 0.35)
-    page.locator("#context-policy input[value='stop']").check()
+    for change in (lambda: set_number(page, "temperature", 0.35),
+                   lambda: page.locator("#context-policy input[value='stop']").check()):
+        stored = page.evaluate("() => localStorage.getItem('qwen-mlx-settings')")
+        change()
+        page.wait_for_function("stored => localStorage.getItem('qwen-mlx-settings') !== stored", arg=stored)
     page.reload()
     expect(page.locator("#temperature input[type=number]")).to_have_value("0.35")
     expect(page.locator("#max-tokens input[type=number]")).to_have_value("3")
@@ -723,10 +732,12 @@ def test_a_malformed_conversation_file_is_skipped_not_an_error_for_the_whole_his
     assert not console.errors
 
 
-def test_a_twenty_turn_session_runs_without_console_errors(model_and_home: tuple[Path, Path], browser: Any,
-                                                             tmp_path: Path) -> None:
+def test_a_twenty_turn_session_with_a_kill_9_runs_without_console_errors(
+    model_and_home: tuple[Path, Path], browser: Any, tmp_path: Path,
+) -> None:
     """Issue 18's script: send, stop, regenerate, branch, edit, attach, reload, restart and export, twenty turns,
-    and nothing in the browser's console but the restart's reconnect."""
+    and nothing in the browser's console but the restart's reconnect. The restart is a kill -9 in the middle of a
+    reply (issue 14): the text streamed so far is kept."""
     from playwright.sync_api import expect
 
     model, _ = model_and_home
@@ -790,13 +801,28 @@ def test_a_twenty_turn_session_runs_without_console_errors(model_and_home: tuple
         assert "Turn 6: edited" in Path(download.value.path()).read_text()
         assert not console.errors, console.errors
 
-        stop_server(process)  # restart: the page's reconnect attempts are the only errors allowed
+        # 12: the restart, and a hard one: kill -9 while a reply streams (issue 14). The reply is saved every
+        # second, so it comes back with what was streamed until a second before, marked as interrupted.
+        set_number(page, "max-tokens", 2000)
+        box.fill("Turn 12: killed mid-reply")
+        box.press("Enter")
+        turns += 1
+        page.wait_for_function("() => [...document.querySelectorAll('#chatbot .message.bot')].pop()"
+                               "?.querySelector('.message-content')?.innerText.length > 40")
+        seen = copy_last_reply(page)
+        time.sleep(1.5)  # a save after `seen` was streamed
+        process.send_signal(signal.SIGKILL)  # the page's reconnect attempts are the only errors allowed
+        process.wait(timeout=10)
         process, url = start_webui(model, home, FAST_DELAY, port=int(url.rstrip("/").rsplit(":", 1)[1]))
         page.reload()
-        expect(page.locator("#chatbot .message.user").last).to_contain_text("Turn 11")
+        expect(page.locator("#chatbot .message.user").last).to_have_text("Turn 12: killed mid-reply")
+        expect(bot.locator(".qm-footer")).to_have_text("interrupted: the server stopped while writing this reply")
+        kept = copy_last_reply(page)
+        assert len(kept) >= len(seen) > 40 and kept.startswith(seen)
         console.errors.clear()
-        expect(page.locator("#max-tokens input[type=number]")).to_have_value("5")  # the settings survive it too
-        for i in range(12, 16):  # 12-15
+        expect(page.locator("#max-tokens input[type=number]")).to_have_value("2000")  # the settings survive it
+        set_number(page, "max-tokens", 5)
+        for i in range(13, 16):  # 13-15
             turn(f"Turn {i} after the restart")
         line = bot.locator(".qm-footer").inner_text()
         page.locator("#chatbot button[aria-label='Retry']").click()  # 16

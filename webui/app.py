@@ -26,7 +26,7 @@ from qwen_mlx.worker import ModelWorker
 HERE = Path(__file__).parent
 CSS = (HERE / "page.css").read_text(encoding="utf-8")
 HEAD = f"<script>\n{(HERE / 'page.js').read_text(encoding='utf-8')}\n</script>"
-REFRESH_SECONDS = 3.0  # how often a tab looks for conversations that other tabs saved, renamed or deleted
+REFRESH_SECONDS = 2.0  # how often a tab looks for conversations that other tabs saved, renamed or deleted
 PRESETS = {
     "Model default": None,  # the chat template's own system prompt
     "Concise": "You are a helpful assistant. Answer briefly and directly; use lists only when they help.",
@@ -195,8 +195,12 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
                       show_progress="hidden")
         clear_attachments.click(app.clear_attachments, [message, conversation], [attachments, attachments_view,
                                                                                   meter], **quick)
+        # Each change stores all the settings: through a queue of one, so that they are stored in the order made
+        # (two quick changes answered out of order would store the older values last).
         for control in (policy, *sampling):
-            control.change(app.remember, [conversation, policy, *sampling], [saved_settings, meter], **quick)
+            control.change(app.remember, [conversation, policy, *sampling], [saved_settings, meter],
+                           concurrency_limit=1, concurrency_id="settings", show_progress="hidden",
+                           api_visibility="private")
 
         then_export(page.load(app.restore, [owner, open_id], [owner, *outputs], **quick))
         page.load(recall, [saved_settings], [policy, *sampling], **quick)
