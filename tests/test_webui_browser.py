@@ -351,7 +351,7 @@ def test_the_context_meter_fills_a_full_context_says_so_and_the_policy_lets_the_
     from playwright.sync_api import expect
 
     model = write_test_model(tmp_path / "model", context=512)
-    process, url = start_webui(model, tmp_path / "home", token_delay=0.005)
+    process, url = start_webui(model, tmp_path / "home", token_delay=0.002)
     try:
         page, console = open_chat(browser, url)
         used, size = meter(page)
@@ -360,12 +360,17 @@ def test_the_context_meter_fills_a_full_context_says_so_and_the_policy_lets_the_
         expect(page.locator("#context-meter")).not_to_contain_text(f"context {used} /")  # the draft counts
         expect(page.locator("#context-policy input[value='drop-oldest']")).to_be_checked()
 
+        # While the reply grows the meter turns amber, then red (seen by the page: a busy machine may poll late).
+        page.evaluate("""() => { window.__levels = new Set();
+            new MutationObserver(() => { const m = document.querySelector('#context-meter .context-meter');
+                if (m) window.__levels.add(m.className.split(' ').pop()); })
+            .observe(document.querySelector('#context-meter'), {subtree: true, childList: true, attributes: true});
+        }""")
         page.locator("#message textarea").press("Enter")
-        # While the reply grows the meter turns amber, then red.
         page.wait_for_selector("#context-meter .context-meter.warn", timeout=20_000)
-        page.wait_for_selector("#context-meter .context-meter.full", timeout=20_000)
-        shot(page, "context-meter-full")
+        shot(page, "context-meter-filling")
         line = wait_reply(page, "Fill the context, please")
+        assert {"warn", "full"} <= set(page.evaluate("() => [...window.__levels]"))
         assert line.endswith("context full") and "max tokens" not in line
         expect(page.locator("#context-meter")).to_contain_text("oldest messages are left out")
 
@@ -388,22 +393,22 @@ def test_the_context_meter_fills_a_full_context_says_so_and_the_policy_lets_the_
 def test_a_long_prompt_shows_its_progress_stops_cleanly_and_a_queued_reply_says_who_is_ahead(
     model_and_home: tuple[Path, Path], browser: Any, tmp_path: Path,
 ) -> None:
-    """Issue 18, broken 4 and the queue: one row (--max-batch 1) and slow model steps, so that a 2,500-token
-    prompt takes seconds to read (512 tokens a step) and a second user has to wait."""
+    """Issue 18, broken 4 and the queue: one row (--max-batch 1) and slow model steps, so that a 3,000-token
+    prompt takes over a second to read (512 tokens a step) and a second user has to wait."""
     from playwright.sync_api import expect
 
     model, _ = model_and_home
-    process, url = start_webui(model, tmp_path / "home", token_delay=0.3, extra_args=("--max-batch", "1"))
+    process, url = start_webui(model, tmp_path / "home", token_delay=0.2, extra_args=("--max-batch", "1"))
     try:
         page, console = open_chat(browser, url, width=1200, height=800)
         box = page.locator("#message textarea")
-        long_question = "x" * 2500
+        long_question = "x" * 3000
         box.fill(long_question)
         box.press("Enter")
         # The question shows at once; then how far the prompt's reading has come, in the reply and above the box.
         expect(page.locator("#chatbot .message.user")).to_contain_text("xxxx")
         expect(page.locator("#chatbot .message.bot").last).to_contain_text(
-            re.compile(r"Reading the prompt: \d+ / 25\d\d tokens"), timeout=10_000)
+            re.compile(r"Reading the prompt: \d+ / 30\d\d tokens"), timeout=10_000)
         expect(page.locator("#status")).to_contain_text("Reading the prompt")
         shot(page, "prompt-progress")
         page.keyboard.press("Escape")
@@ -444,7 +449,7 @@ def test_send_becomes_stop_while_a_reply_streams_and_enter_then_says_why_it_wait
     page, console = open_chat(browser, chat[0])
     box = page.locator("#message textarea")
     assert page.locator("#message .stop-button").count() == 0, "Stop shows while nothing is generated"
-    assert focused_id(page) == "message"
+    page.wait_for_function("() => document.activeElement?.closest('#message')")  # focused on load
     box.fill("Talk for a while")
     box.press("Enter")
     expect(page.locator("#message .stop-button")).to_be_visible()

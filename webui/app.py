@@ -110,6 +110,7 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
                     message = gr.Textbox(
                         placeholder="Message (Enter sends, Shift+Enter for a new line)", show_label=False,
                         elem_id="message", lines=1, max_lines=12, scale=10, submit_btn=True, stop_btn=False,
+                        interactive=False,  # until the page load has restored the conversation (ChatApp.restore)
                     )
                 with gr.Row(elem_id="composer-extras"):
                     attachments_view = gr.HTML("", elem_id="attachments")

@@ -367,7 +367,11 @@ class ChatApp:
             opened = self.store.load(owner, saved[0].id) if saved else None
         if opened is None:
             opened = Conversation(owner, open_id if is_id(open_id) else new_id())
-        return owner, *self.page(opened, full=True, generating=False)
+        page = list(self.page(opened, full=True, generating=False))
+        # The message box is disabled until now: a question sent before the page knew its conversation would go to
+        # a conversation of its own, then vanish when this answer replaced it.
+        page[self.OUTPUTS.index("message")] = gr.Textbox(submit_btn=True, stop_btn=False, interactive=True)
+        return owner, *page
 
     def open(self, conversation_id: str, conversation: Conversation | None, query: str = "") -> tuple[Any, ...]:
         conversation = self.settle(conversation)

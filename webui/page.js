@@ -131,7 +131,7 @@
   function start() {
     const box = $("#message textarea");
     const sidebar = $("#sidebar");
-    if (!box || !sidebar) return;
+    if (!box || !sidebar || box.disabled) return; // enabled once the page has its conversation
     started = true;
     if (wide()) {
       if (!sidebar.classList.contains("open")) $(".toggle-button", sidebar)?.click();
