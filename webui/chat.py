@@ -207,6 +207,7 @@ class ChatApp:
         self._lock = threading.Lock()
         self._counts: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # conversation id → (key, prompt tokens)
         self.settings: dict[str, tuple[str, int]] = {}  # owner → (context policy, max tokens) of its page
+        self.queries: dict[str, str] = {}  # owner → what its list is searched for (pages redrawn by a reply too)
         self.default_system = default_system_prompt(worker)
         self.opens_thinking = template_opens_thinking(worker)
         self.context_length = worker.model.config.context_length if worker.model is not None else 0
@@ -234,6 +235,7 @@ class ChatApp:
                                  **({} if generating is None else {"submit_btn": not generating,
                                                                    "stop_btn": generating}))
         if listing or full:
+            query = query or self.queries.get(conversation.owner, "")
             choices = listing_choices(self.store.list(conversation.owner), query)
             listing_update = gr.Radio(choices=choices,
                                       value=conversation.id if any(i == conversation.id for _, i in choices) else None)
@@ -381,6 +383,7 @@ class ChatApp:
     def new_chat(self, conversation: Conversation | None) -> tuple[Any, ...]:
         """A new, empty conversation (saved once it has a message); the search is cleared."""
         conversation = self.settle(conversation)
+        self.queries.pop(conversation.owner, None)
         page = self.page(Conversation(conversation.owner), box="", full=True, attachments=[], generating=False)
         return *page, ""
 
@@ -414,6 +417,7 @@ class ChatApp:
     def search(self, query: str, conversation: Conversation | None) -> Any:
         if conversation is None:
             return gr.skip()
+        self.queries[conversation.owner] = query
         choices = listing_choices(self.store.list(conversation.owner), query)
         return gr.Radio(choices=choices, value=conversation.id if any(i == conversation.id for _, i in choices)
                         else None)
