@@ -152,3 +152,13 @@ def test_attachments_are_text_with_limits_and_cannot_close_their_fence(tmp_path:
         read_attachment(tmp_path / "huge.log")
     (tmp_path / "utf16.txt").write_bytes("héllo".encode("utf-16"))
     assert read_attachment(tmp_path / "utf16.txt").text == "héllo"
+
+
+def test_only_a_reply_cut_off_by_the_server_is_marked_interrupted() -> None:
+    conversation = Conversation(tree=branches.linear([
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "imported, no statistics"},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "half a rep", "unfinished": True},
+    ]))
+    _, meta = chat_view(conversation)
+    assert meta[1].footer == "" and not meta[1].warn
+    assert meta[3].footer.startswith("interrupted") and meta[3].warn

@@ -63,6 +63,17 @@ def position(root: Node, index: int) -> tuple[int, int]:
     return min(parent["active"], len(parent["children"]) - 1) + 1, len(parent["children"])
 
 
+def positions(root: Node) -> list[tuple[int, int]]:
+    """`position` of every message shown, in one walk (the page asks for them all at each streamed update)."""
+    found = []
+    at = root
+    while at["children"]:
+        active = min(at["active"], len(at["children"]) - 1)
+        found.append((active + 1, len(at["children"])))
+        at = at["children"][active]
+    return found
+
+
 def switch(root: Node, index: int, step: int) -> bool:
     """Show the previous (step -1) or next (+1) alternative at `index`; whether anything changed."""
     if not 0 <= index < len(path(root)):

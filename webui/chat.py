@@ -56,6 +56,7 @@ class LiveReply:
         self.opens_thinking = opens_thinking  # the chat template opened a <think> block for the model
         self.ahead = ahead  # () → how many replies wait for a row before this one
         self.origin = message.get("origin")  # what asked for it: "send", "edit" or "retry"
+        message["unfinished"] = True  # saved with it until it ends: a server killed meanwhile leaves it there
         self.generated = 0
         self.finished = False
         self.emptied = False  # stopped before its first token: there is no reply
@@ -99,7 +100,7 @@ class LiveReply:
         self.message["stats"] = {**stats, "finish_reason": chunk.finish_reason, "dropped": self.dropped}
 
     def _settle_message(self) -> None:
-        for key in ("pending", "waiting", "prefill", "origin"):
+        for key in ("pending", "waiting", "prefill", "origin", "unfinished"):
             self.message.pop(key, None)
 
     def _show_progress(self) -> bool:

@@ -48,7 +48,8 @@ class Conversation:
 
     A message is {"role", "content"}; a user message may carry "attachments" ([{"name", "text"}]), an assistant
     message "stats" (a GenerationStats as a dict, plus "finish_reason" and "dropped": the oldest messages left out
-    of its prompt) or "error": True (a failed reply, shown but never sent back to the model).
+    of its prompt), "error": True (a failed reply, shown but never sent back to the model) or "unfinished": True
+    (saved while it was being written; without "stats", the server stopped before it ended).
     """
 
     owner: str = field(default_factory=new_id)

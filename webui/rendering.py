@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from qwen_mlx.webui.branches import position
+from qwen_mlx.webui.branches import positions
 from qwen_mlx.webui.conversations import Conversation
 
 # Single `$` is not a delimiter: inline_math turns the `$…$` that are math into `\(…\)` first.
@@ -164,8 +164,7 @@ def chat_view(conversation: Conversation, live: set[int] | frozenset[int] = froz
     """The Chatbot's value and one RowMeta per row; `live` holds the ids (id()) of replies still being written."""
     rows: list[dict[str, Any]] = []
     meta: list[RowMeta] = []
-    for at, m in enumerate(conversation.messages):
-        k, n = position(conversation.tree, at)
+    for at, (m, (k, n)) in enumerate(zip(conversation.messages, positions(conversation.tree), strict=True)):
         branch = (k, n) if n > 1 else None
         if m["role"] == "user":
             rows.append({"role": "user", "content": inline_math(m["content"])})
@@ -182,14 +181,19 @@ def chat_view(conversation: Conversation, live: set[int] | frozenset[int] = froz
             rows.append({"role": "assistant", "content": inline_math(thought) or "…",
                          "metadata": {"title": "Thinking", "status": status}})
             meta.append(RowMeta(at, "thinking"))
+        being_written = is_live or bool(m.get("pending"))
         if "stats" in m:
             footer, warn = stats_line(m["stats"]), finish_reason(m["stats"]) == "context"
-        elif is_live or m.get("pending"):
-            footer, warn = "", False
-        else:  # saved while being written, and the server stopped before it ended (kill, crash, power cut)
+        elif m.get("unfinished") and not being_written:
+            # saved while being written, and the server stopped before it ended (kill, crash, power cut)
             footer, warn = "interrupted: the server stopped while writing this reply", True
-        shown = inline_math(answer) if answer else (reply_placeholder(m) if is_live or m.get("pending") else "…")
-        if thought is not None and not answer and is_live and not thought_done:
+        else:
+            footer, warn = "", False
+        if answer:
+            shown = inline_math(answer)
+        elif thought is None and being_written:
+            shown = reply_placeholder(m)
+        else:
             shown = "…"
         rows.append({"role": "assistant", "content": shown})
         meta.append(RowMeta(at, "assistant", footer, branch, warn))
