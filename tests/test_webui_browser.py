@@ -555,8 +555,14 @@ def test_the_conversation_list_renames_searches_deletes_with_undo_exports_import
     page.reload()
     expect(page.locator("#chatbot .message.user").first).to_have_text("Alpha conversation")
 
-    # Another tab's new conversation shows up in this tab's list.
+    # Another tab opens on it too; what each tab adds is kept (neither saves over the other's turn).
     other, other_console = open_chat(browser, chat[0], context=page.context)
+    expect(other.locator("#chatbot .message.user").first).to_have_text("Alpha conversation")
+    send(other, "Alpha, from the other tab")
+    send(page, "Alpha, from this tab")
+    assert page.locator("#chatbot .message.user").all_inner_texts() == [
+        "Alpha conversation", "Alpha, from the other tab", "Alpha, from this tab"]
+    # Another tab's new conversation shows up in this tab's list.
     new_chat(other)
     send(other, "Gamma from another tab")
     expect(listing).to_contain_text("Gamma from another tab", timeout=10_000)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -393,6 +394,7 @@ class ChatApp:
         conversation = self.settle(conversation)
         self.store.delete(conversation)
         self.worker.forget(conversation.id)
+        shutil.rmtree(self.export_root / conversation.owner / conversation.id, ignore_errors=True)
         undo = gr.Button(f"Undo deleting “{conversation.title}”", visible=bool(conversation.messages))
         page = self.page(Conversation(conversation.owner), box="", full=True, query=query, generating=False)
         return *page, (conversation if conversation.messages else None), undo
@@ -490,6 +492,7 @@ class ChatApp:
         """‹ / › under a message: show its previous or next alternative (sent by page.js as "row:step:nonce")."""
         if conversation is None:
             return tuple(gr.skip() for _ in self.OUTPUTS)
+        conversation = self.own(conversation)
         try:
             row, step = (int(part) for part in str(action).split(":")[:2])
         except ValueError:
@@ -712,10 +715,19 @@ class ChatApp:
             return Conversation()
         reply = self.replies.get(conversation.id)
         if reply is None:
-            return conversation
+            return self.latest(conversation)
         if reply.handler_exited.is_set():
             return self.settle(conversation)
         return reply.conversation
+
+    def latest(self, conversation: Conversation) -> Conversation:
+        """The conversation as last saved, if another tab (or page) of this browser saved it since this one read it:
+        an action on the older copy would save over what the other tab added."""
+        shown = conversation.messages
+        if shown and shown[-1].get("pending"):
+            return conversation  # the quick step's question, not saved with its reply yet: this copy is the latest
+        saved = self.store.load(conversation.owner, conversation.id)
+        return saved if saved is not None and saved.updated > conversation.updated else conversation
 
     def settle(self, conversation: Conversation | None) -> Conversation:
         """The session's conversation (a new one for a new API client), its reply in progress finished."""
@@ -727,7 +739,8 @@ class ChatApp:
             shown = conversation.messages
             if shown and shown[-1].get("pending") and not shown[-1]["content"]:  # its reply never started
                 self.take_back(conversation, shown[-1], shown[-1].get("origin"))
-            return conversation
+                return conversation
+            return self.latest(conversation)
         reply.finish(self.store)
         self.after_reply(reply)
         return reply.conversation  # after a page reload, `conversation` is a copy read from disk
