@@ -577,7 +577,7 @@ def test_the_conversation_list_renames_searches_deletes_with_undo_exports_import
         page.locator("#export-json").click()
     exported = tmp_path / "alpha.json"
     exported.write_bytes(Path(download.value.path()).read_bytes())
-    assert json.loads(exported.read_text())["tree"]["children"][0]["content"] == "Alpha conversation"
+    assert json.loads(exported.read_text())["nodes"][0]["content"] == "Alpha conversation"
 
     # Delete, then Undo.
     page.locator("#delete").click()
@@ -594,7 +594,7 @@ def test_the_conversation_list_renames_searches_deletes_with_undo_exports_import
     expect(listing.get_by_text("Alpha conversation")).to_have_count(2)
     (tmp_path / "notes.json").write_text('{"notes": []}')
     choose_file(page, "#import-json", tmp_path / "notes.json")
-    expect(page.locator("#status")).to_contain_text("notes.json could not be imported: no 'tree' or 'messages'")
+    expect(page.locator("#status")).to_contain_text("notes.json could not be imported: no 'nodes' or 'messages'")
     shot(page, "conversation-list", full_page=True)
     assert not console.errors and not other_console.errors
 
@@ -727,7 +727,7 @@ def test_a_malformed_conversation_file_is_skipped_not_an_error_for_the_whole_his
     (folder,) = {p.parent for p in saved}
     bad = {"a" * 32: json.dumps({"messages": "not a list", "updated": 1}),
            "b" * 32: json.dumps([{"role": "user"}]),
-           "c" * 32: json.dumps({"tree": {"children": [{"role": "user", "content": 5}]}, "updated": 1})}
+           "c" * 32: json.dumps({"nodes": [{"role": "user", "content": 5, "parent": -1}], "updated": 1})}
     for name, text in bad.items():
         (folder / f"{name}.json").write_text(text)
     page.reload()

@@ -63,7 +63,7 @@ def test_alternatives_keep_what_an_edit_or_a_regeneration_replaced() -> None:
         branches.append(root, {"role": role, "content": text})
     branches.add_alternative(root, 3, {"role": "assistant", "content": "a2 again"})
     assert [m["content"] for m in branches.path(root)] == ["q1", "a1", "q2", "a2 again"]
-    assert branches.position(root, 3) == (2, 2)
+    assert branches.positions(root)[3] == (2, 2)
     branches.add_alternative(root, 2, {"role": "user", "content": "q2 edited"})
     assert [m["content"] for m in branches.path(root)] == ["q1", "a1", "q2 edited"]
     assert branches.switch(root, 2, -1)
@@ -87,7 +87,8 @@ def test_a_conversation_file_of_the_wrong_shape_is_skipped_and_logged(tmp_path: 
         "messages.json": json.dumps({"messages": "not a list", "updated": 1}),
         "updated.json": json.dumps({"messages": [{"role": "user", "content": "x"}], "updated": "yesterday"}),
         "role.json": json.dumps({"messages": [{"role": "wizard", "content": "x"}], "updated": 1}),
-        "truncated.json": '{"tree": {"children": [',
+        "truncated.json": '{"nodes": [{"role": "user", "content": "x", "par',
+        "orphan.json": json.dumps({"nodes": [{"role": "user", "content": "x", "parent": 3}], "updated": 1}),
         "binary.json": "\udcff",
     }
     for i, text in enumerate(bad.values()):
@@ -162,3 +163,19 @@ def test_only_a_reply_cut_off_by_the_server_is_marked_interrupted() -> None:
     _, meta = chat_view(conversation)
     assert meta[1].footer == "" and not meta[1].warn
     assert meta[3].footer.startswith("interrupted") and meta[3].warn
+
+
+def test_a_conversation_thousands_of_messages_long_with_alternatives_saves_and_opens(tmp_path: Path) -> None:
+    """A file holds the tree flat: nested, JSON (and Python's recursion) would give up a few hundred deep."""
+    store = ConversationStore(tmp_path)
+    conversation = Conversation(new_id())
+    for i in range(3000):
+        branches.append(conversation.tree, {"role": ("user", "assistant")[i % 2], "content": f"message {i}"})
+    branches.add_alternative(conversation.tree, 1, {"role": "assistant", "content": "another first reply"})
+    branches.switch(conversation.tree, 1, -1)
+    store.save(conversation)
+    loaded = store.load(conversation.owner, conversation.id)
+    assert [m["content"] for m in loaded.messages] == [f"message {i}" for i in range(3000)]
+    assert branches.positions(loaded.tree)[1] == (1, 2)
+    branches.switch(loaded.tree, 1, 1)
+    assert [m["content"] for m in loaded.messages] == ["message 0", "another first reply"]

@@ -57,14 +57,9 @@ def add_alternative(root: Node, index: int, message: dict[str, Any]) -> Node:
     return leaf
 
 
-def position(root: Node, index: int) -> tuple[int, int]:
-    """(k, n): the message shown at `index` is alternative k (from 1) of n."""
-    parent = _parent(root, index)
-    return min(parent["active"], len(parent["children"]) - 1) + 1, len(parent["children"])
-
-
 def positions(root: Node) -> list[tuple[int, int]]:
-    """`position` of every message shown, in one walk (the page asks for them all at each streamed update)."""
+    """(k, n) for every message shown: it is alternative k (from 1) of n. One walk: the page asks at each
+    streamed update."""
     found = []
     at = root
     while at["children"]:
@@ -111,20 +106,58 @@ def detach(root: Node, target: Node) -> bool:
 
 def linear(messages: list[dict[str, Any]]) -> Node:
     """A tree of one branch: conversations saved before there were alternatives, imported message lists."""
-    root = new_root()
+    root = at = new_root()
     for message in messages:
-        append(root, message)
+        leaf = node(message)
+        at["children"].append(leaf)
+        at = leaf
     return root
 
 
-def cleaned(tree: Node, drop: frozenset[str], skip: Any = None) -> Node:
-    """A copy of the tree without the keys `drop` (what only the page needs) and without the nodes `skip(node)`
-    says to leave out (a reply not yet begun)."""
-    copy = {k: v for k, v in tree.items() if k not in drop and k != "children"}
-    children = [cleaned(c, drop, skip) for c in tree["children"] if skip is None or not skip(c)]
-    copy["children"] = children
-    copy["active"] = max(0, min(tree.get("active", 0), len(children) - 1))
-    return copy
+def flatten(root: Node, drop: frozenset[str] = frozenset(), skip: Any = None) -> tuple[list[dict[str, Any]], int]:
+    """The tree as a list (what a file holds: JSON nests no deeper than a few hundred levels in Python, and a long
+    conversation is thousands of messages deep): each node, parents first, with its parent's index ("parent", -1
+    for the root) and its own "active" child; and the root's active child. Keys in `drop` and the nodes (with
+    what follows them) for which `skip(node)` is true are left out."""
+    nodes: list[dict[str, Any]] = []
+
+    def kept(at: Node) -> tuple[list[Node], int]:
+        children = [c for c in at["children"] if skip is None or not skip(c)]
+        active = at["children"][min(at["active"], len(at["children"]) - 1)] if at["children"] else None
+        position = next((i for i, c in enumerate(children) if c is active), len(children) - 1)
+        return children, max(0, position)
+
+    top, root_active = kept(root)
+    stack = [(child, -1) for child in reversed(top)]
+    while stack:
+        at, parent = stack.pop()
+        children, active = kept(at)
+        index = len(nodes)
+        nodes.append({**{k: v for k, v in at.items() if k not in drop and k not in ("children", "active")},
+                      "parent": parent, "active": active})
+        stack += [(child, index) for child in reversed(children)]
+    return nodes, root_active
+
+
+def unflatten(nodes: Any, root_active: Any = 0) -> Node:
+    """The tree that `flatten` wrote; ValueError if `nodes` is not such a list."""
+    if not isinstance(nodes, list):
+        raise ValueError("'nodes' is not a list")
+    root = new_root()
+    built: list[Node] = []
+    for i, item in enumerate(nodes):
+        if not isinstance(item, dict):
+            raise ValueError(f"message {i + 1} is not an object")
+        parent = item.get("parent")
+        if not isinstance(parent, int) or isinstance(parent, bool) or not -1 <= parent < i:
+            raise ValueError(f"message {i + 1} has a bad 'parent' {parent!r}")
+        leaf = {**{k: v for k, v in item.items() if k != "parent"}, "children": []}
+        leaf.setdefault("active", 0)
+        (root if parent < 0 else built[parent])["children"].append(leaf)
+        built.append(leaf)
+    root["active"] = root_active
+    check_tree(root)
+    return root
 
 
 def check_tree(tree: Any) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_mlx.files import replaced_atomically
-from qwen_mlx.webui.branches import Node, check_message, check_tree, cleaned, linear, new_root
+from qwen_mlx.webui.branches import Node, check_message, flatten, linear, new_root, unflatten
 from qwen_mlx.webui.branches import path as shown_path
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ def not_begun(message: Node) -> bool:
 
 
 def to_record(conversation: Conversation) -> dict[str, Any]:
-    """The conversation as its file holds it (also the JSON export)."""
+    """The conversation as its file holds it (also the JSON export): every message of every alternative, flat
+    (see branches.flatten)."""
+    nodes, active = flatten(conversation.tree, TRANSIENT, skip=not_begun)
     return {
         "format": "qwen-mlx conversation",
         "id": conversation.id,
@@ -96,7 +98,8 @@ def to_record(conversation: Conversation) -> dict[str, Any]:
         "name": conversation.name,
         "system_prompt": conversation.system_prompt,
         "updated": conversation.updated,
-        "tree": cleaned(conversation.tree, TRANSIENT, skip=not_begun),
+        "nodes": nodes,
+        "active": active,
     }
 
 
@@ -108,8 +111,8 @@ def from_record(data: Any) -> tuple[Node, float, str, str | None]:
     if not isinstance(data, dict):
         raise ValueError("not a conversation (expected a JSON object or a list of messages)")
     system_prompt = data.get("system_prompt")
-    if "tree" in data:
-        tree = data["tree"]
+    if "nodes" in data:
+        tree = unflatten(data["nodes"], data.get("active", 0))
     elif "messages" in data:  # saved before conversations had alternatives, or an imported message list
         messages = data["messages"]
         if not isinstance(messages, list):
@@ -122,8 +125,7 @@ def from_record(data: Any) -> tuple[Node, float, str, str | None]:
             system_prompt = system[0]["content"]
         tree = linear(messages)
     else:
-        raise ValueError("no 'tree' or 'messages' in it")
-    check_tree(tree)
+        raise ValueError("no 'nodes' or 'messages' in it")
     updated = data.get("updated", time.time())
     if isinstance(updated, bool) or not isinstance(updated, int | float) or not math.isfinite(updated):
         raise ValueError(f"'updated' is {updated!r}, not a time")
@@ -155,7 +157,7 @@ class ConversationStore:
     def save(self, conversation: Conversation) -> None:
         """Write the conversation (temp file, then rename); an empty one is deleted instead."""
         record = to_record(conversation)
-        if not record["tree"]["children"]:
+        if not record["nodes"]:
             self.delete(conversation)
             return
         conversation.updated = record["updated"] = time.time()

@@ -53,7 +53,11 @@ def write_exports(conversation: Conversation, system_prompt: str, folder: Path) 
             old.unlink(missing_ok=True)
     with replaced_atomically(markdown) as tmp:
         tmp.write_text(to_markdown(conversation, system_prompt), encoding="utf-8")
-    record = {**to_record(conversation), "system_prompt": system_prompt}
+    # "messages", the conversation shown, for other tools; "nodes" has every alternative too (and is what an
+    # import here reads).
+    shown = [{k: v for k, v in m.items() if k in ("role", "content", "attachments", "stats", "error")}
+             for m in conversation.messages]
+    record = {**to_record(conversation), "system_prompt": system_prompt, "messages": shown}
     with replaced_atomically(data) as tmp:
         tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
     return markdown, data
