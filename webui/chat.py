@@ -2,10 +2,11 @@
 
 No MLX here: the worker's thread runs the model. Each browser session holds its Conversation in a gr.State. An
 action that generates runs in two steps: a quick one that shows the question and an empty reply at once (even
-while the model is busy with others), then one that streams the reply from a worker Job into that message and
-re-sends the page at most every UPDATE_INTERVAL seconds, saving it every SAVE_INTERVAL seconds so that a killed
-server keeps what was written. Stop cancels the Job, and so does the streaming generator's `finally` when Gradio
-closes it (an API client's cancel, a closed tab); the worker ends the generation within one token.
+while the model is busy with others), then one that streams the reply from a worker Job into that message (a
+reply.LiveReply), re-sending the page at most every UPDATE_INTERVAL seconds and saving it every SAVE_INTERVAL
+seconds, so that a killed server keeps what was written. Stop cancels the Job, and so does the streaming
+generator's `finally` when Gradio closes it (an API client's cancel, a closed tab); the worker ends the
+generation within one token.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,113 +32,15 @@ from qwen_mlx.webui.context import DROP_OLDEST, fit, meter_html, model_messages,
 from qwen_mlx.webui.conversations import Conversation, ConversationStore, Summary, from_record, is_id, new_id
 from qwen_mlx.webui.export import write_exports
 from qwen_mlx.webui.rendering import THINK_OPEN, chat_view, meta_json
-from qwen_mlx.worker import Job, ModelWorker
+from qwen_mlx.webui.reply import LiveReply, describe_error
+from qwen_mlx.worker import ModelWorker
 
 UPDATE_INTERVAL = 0.04  # seconds between page updates while a reply streams: Gradio re-sends the message each time
 DEFAULT_MAX_TOKENS = 2048
 SAVE_INTERVAL = 1.0  # seconds between saves of a reply being written (a killed server keeps the text so far)
-NOTICE_SECONDS = 20.0
-PROGRESS_FROM = 512  # prompt tokens to compute from which the reply shows how far their reading has come
+NOTICE_SECONDS = 20.0  # how long a note (e.g. "stopped before the reply began") stays above the message box
 MAX_IMPORT_BYTES = 20 * 1024 * 1024
 SKIP = object()  # page(): leave this output as it is
-
-
-class LiveReply:
-    """The assistant message that a Job's chunks write (a node of the conversation's tree)."""
-
-    def __init__(self, conversation: Conversation, message: dict[str, Any], job: Job, worker: ModelWorker,
-                 prompt_tokens: int, dropped: int, opens_thinking: bool, ahead: Any):
-        self.conversation = conversation
-        self.message = message
-        self.job = job
-        self.worker = worker
-        self.prompt_tokens = prompt_tokens  # for the context meter while the reply grows
-        self.dropped = dropped  # the oldest messages its prompt leaves out
-        self.opens_thinking = opens_thinking  # the chat template opened a <think> block for the model
-        self.ahead = ahead  # () → how many replies wait for a row before this one
-        self.origin = message.get("origin")  # what asked for it: "send", "edit" or "retry"
-        message["unfinished"] = True  # saved with it until it ends: a server killed meanwhile leaves it there
-        self.generated = 0
-        self.finished = False
-        self.emptied = False  # stopped before its first token: there is no reply
-        self.accounted = False  # ChatApp.after_reply has run
-        self.handler_exited = threading.Event()  # the generator that streams this reply is gone
-
-    def pump(self, until: float) -> bool:
-        """Take the chunks that arrive before `until` (time.monotonic) or the end; whether the page changed."""
-        changed = self._show_progress()
-        while not self.finished:
-            try:
-                chunk = self.job.get(timeout=max(0.0, until - time.monotonic()))
-            except Exception as e:  # the error that ended the generation: shown in place of the reply
-                self._settle_message()
-                self.message.update(content=describe_error(e), error=True)
-                self.finished = True
-                return True
-            if chunk is None:
-                break
-            if chunk.token is not None:
-                self.generated += 1
-            if chunk.text:
-                if not self.message["content"] and self.opens_thinking:
-                    self.message["content"] = THINK_OPEN + "\n"
-                self.message["content"] += chunk.text
-                changed = True
-            if chunk.finish_reason is not None:
-                self._finish(chunk)
-                changed = True
-        return changed
-
-    def _finish(self, chunk: Any) -> None:
-        self._settle_message()
-        self.finished = True
-        if chunk.finish_reason == "cancelled" and self.generated == 0 and not self.message["content"]:
-            # Stopped while its prompt was read (or while it waited): there was no reply, so there is no message
-            # and no statistics of a reply that never was (ChatApp.after_reply takes them out).
-            self.emptied = True
-            return
-        stats = asdict(chunk.stats) if chunk.stats is not None else {}
-        self.message["stats"] = {**stats, "finish_reason": chunk.finish_reason, "dropped": self.dropped}
-
-    def _settle_message(self) -> None:
-        for key in ("pending", "waiting", "prefill", "origin", "unfinished"):
-            self.message.pop(key, None)
-
-    def _show_progress(self) -> bool:
-        """While it waits for a row, or its prompt is read, the empty reply says so (not saved)."""
-        waiting = prefill = None
-        if not self.finished and not self.job.done.is_set() and self.generated == 0:
-            if not self.job.started.is_set():
-                # The replies that must end before this one starts: those waiting before it, and one of those
-                # being written (when every row is taken; else it starts right away).
-                before = self.ahead()
-                if before or self.worker.active >= self.worker.max_batch:
-                    waiting = f"waiting for the model: {before + 1} ahead of you"
-            elif self.job.prefill is not None and self.job.prefill[1] > PROGRESS_FROM:
-                done, total = self.job.prefill
-                prefill = [min(done, total), total]
-        changed = False
-        for key, value in (("waiting", waiting), ("prefill", prefill)):
-            if self.message.get(key) != value:
-                changed = True
-                if value is None:
-                    self.message.pop(key, None)
-                else:
-                    self.message[key] = value
-        return changed
-
-    def finish(self, store: ConversationStore) -> None:
-        """Stop the reply once its handler is gone, take its last chunks and statistics, and save."""
-        self.job.cancel()
-        self.handler_exited.wait(timeout=10)
-        self.pump(until=time.monotonic() + 10)  # at most one more token, then the last chunk
-        store.save(self.conversation)
-
-
-def describe_error(error: BaseException) -> str:
-    if isinstance(error, QwenMLXError):
-        return str(error)
-    return f"internal error ({type(error).__name__}: {error}); the server log has the details"
 
 
 def sampling_options(temperature: float, top_p: float, top_k: float, min_p: float, repetition_penalty: float,
@@ -295,10 +197,11 @@ class ChatApp:
             used = cached[1]
         else:
             used = len(prompt_ids(tokenizer, system, model_messages(messages)))
-            self._counts[conversation.id] = (key, used)
-            self._counts.move_to_end(conversation.id)
-            while len(self._counts) > 256:
-                self._counts.popitem(last=False)
+            with self._lock:
+                self._counts[conversation.id] = (key, used)
+                self._counts.move_to_end(conversation.id)
+                while len(self._counts) > 256:  # the conversations open lately
+                    self._counts.popitem(last=False)
         # Without a draft, what the next message (however short) would send: then the oldest turns can go.
         turns = model_messages([*messages, draft or {"role": "user", "content": ""}])
         used += len(tokenizer.encode(turns[-1]["content"])) + 5  # with the template's markers around it
@@ -599,8 +502,8 @@ class ChatApp:
                  top_p: float, top_k: float, min_p: float, repetition_penalty: float, max_tokens: float,
                  seed: float = -1) -> Iterator[tuple[Any, ...]]:
         """`/send` for API clients: both steps in one call (their client reads one event's updates)."""
-        conversation = self.own(conversation)
         page = self.prepare_send(message, [], conversation)
+        conversation = page[self.OUTPUTS.index("conversation")]  # the one it asked in (maybe read again)
         if not conversation.messages or not conversation.messages[-1].get("pending") \
                 or conversation.id in self.replies:
             yield page
@@ -671,8 +574,12 @@ class ChatApp:
         if reply.emptied:
             back = self.take_back(reply.conversation, reply.message, reply.origin)
             prefill = reply.job.prefill
-            read = f" ({prefill[0]} of {prefill[1]} tokens read)" if prefill else ""
-            self.notify(reply.conversation, f"Stopped while reading the prompt{read}: nothing was written."
+            if not reply.job.started.is_set():
+                when_stopped = "Stopped while waiting for the model"
+            else:
+                read = f" ({prefill[0]} of {prefill[1]} tokens read)" if prefill else ""
+                when_stopped = f"Stopped while reading the prompt{read}"
+            self.notify(reply.conversation, f"{when_stopped}: nothing was written."
                         + (" Your message is back in the box." if back else ""))
         self.store.save(reply.conversation)
 
