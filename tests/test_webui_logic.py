@@ -179,3 +179,34 @@ def test_a_conversation_thousands_of_messages_long_with_alternatives_saves_and_o
     assert branches.positions(loaded.tree)[1] == (1, 2)
     branches.switch(loaded.tree, 1, 1)
     assert [m["content"] for m in loaded.messages] == ["message 0", "another first reply"]
+
+
+def test_a_reply_whose_template_opened_the_thinking_block_streams_as_a_thinking_block() -> None:
+    """DeepSeek-R1-Distill's template ends the prompt with "<think>\\n": the reply only closes the block."""
+    from types import SimpleNamespace
+
+    from qwen_mlx.generate import GenerationChunk, GenerationStats
+    from qwen_mlx.webui.reply import LiveReply
+    from qwen_mlx.worker import Job
+
+    conversation = Conversation()
+    branches.append(conversation.tree, {"role": "user", "content": "2 + 2?"})
+    message = branches.append(conversation.tree, {"role": "assistant", "content": "", "pending": True})
+    job = Job("s", None)
+    job.started.set()
+    worker = SimpleNamespace(active=1, max_batch=1)
+    reply = LiveReply(conversation, message, job, worker, prompt_tokens=10, dropped=0, opens_thinking=True,
+                      ahead=lambda: 0)
+    for text in ("Two and two", " make four.", "</think>", "4"):
+        job.put(GenerationChunk(text, 1))
+        reply.pump(until=0)
+        if text == " make four.":
+            rows, _ = chat_view(conversation, live={id(message)})
+            assert rows[1]["metadata"] == {"title": "Thinking", "status": "pending"}
+            assert rows[1]["content"] == "Two and two make four." and rows[2]["content"] == "…"
+    job.put(GenerationChunk("", None, "stop", GenerationStats(prompt_tokens=10, generation_tokens=4)))
+    reply.pump(until=0)
+    rows, meta = chat_view(conversation)
+    assert rows[1]["metadata"]["status"] == "done" and rows[2]["content"] == "4"
+    assert meta[2].footer.startswith("prompt 10 tokens")
+    assert model_messages(conversation.messages)[1] == {"role": "assistant", "content": "4"}
