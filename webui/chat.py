@@ -286,10 +286,11 @@ class ChatApp:
         return self.page(opened or conversation, full=True, query=query, generating=False)
 
     def new_chat(self, conversation: Conversation | None) -> tuple[Any, ...]:
-        """A new, empty conversation (saved once it has a message); the search is cleared."""
+        """A new, empty conversation (saved once it has a message); the search is cleared. What is in the message
+        box stays (to send in the new chat; and typing right after the click must not be wiped by its answer)."""
         conversation = self.settle(conversation)
         self.queries.pop(conversation.owner, None)
-        page = self.page(Conversation(conversation.owner), box="", full=True, attachments=[], generating=False)
+        page = self.page(Conversation(conversation.owner), full=True, generating=False)
         return *page, ""
 
     def delete(self, conversation: Conversation | None, query: str = "") -> tuple[Any, ...]:
