@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QwenMLXError as e:
         print(f"qwen-mlx: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path of the user's that cannot be read or written: theirs to fix, not a crash
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qwen-mlx: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

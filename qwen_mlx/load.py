@@ -15,7 +15,7 @@ from qwen_mlx.model import Qwen2
 from qwen_mlx.quantize import prepare_quantized
 from qwen_mlx.sample import SamplingParams
 from qwen_mlx.tokenizer import Tokenizer
-from qwen_mlx.weights import load_weights
+from qwen_mlx.weights import fingerprint, load_weights
 
 DEFAULT_MODEL = "mlx-community/Qwen2.5-7B-Instruct-4bit"
 
@@ -76,7 +76,8 @@ def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tupl
     weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     if config.tie_word_embeddings:
         weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-    model = Qwen2(config, SamplingParams.from_generation_config(folder))
+    model = Qwen2(config, SamplingParams.from_generation_config(folder),
+                  fingerprint(folder, sorted(set(origin.values()))))
     if config.quantization:
         prepare_quantized(model, config.quantization, weights)
     expected = dict(tree_flatten(model.parameters()))
@@ -94,6 +95,10 @@ def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tupl
                 f"{origin[name]}: {name} has shape {tuple(array.shape)} but config.json implies "
                 f"{tuple(expected[name].shape)}; the config and the weights do not belong together"
             )
+        if mx.issubdtype(array.dtype, mx.floating) != mx.issubdtype(expected[name].dtype, mx.floating):
+            kind = "floating-point" if mx.issubdtype(expected[name].dtype, mx.floating) else "packed integer"
+            raise QwenMLXError(f"{origin[name]}: {name} is {array.dtype} where {kind} weights belong; the file is "
+                               "not a Qwen2 checkpoint of this config")
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())

@@ -111,13 +111,16 @@ class Qwen2(nn.Module):
     """The causal LM: `model(ids, cache=None)` → logits of shape (batch, length, vocab).
 
     `sampling_defaults` are the checkpoint's own (its generation_config.json, read by `load`): what generation
-    uses for any sampling parameter a request leaves out.
+    uses for any sampling parameter a request leaves out. `fingerprint` tells its weights from another
+    checkpoint's (`weights.fingerprint`), so caches saved for it are never applied to another model.
     """
 
-    def __init__(self, config: ModelConfig, sampling_defaults: SamplingParams | None = None):
+    def __init__(self, config: ModelConfig, sampling_defaults: SamplingParams | None = None,
+                 fingerprint: str | None = None):
         super().__init__()
         self.config = config
         self.sampling_defaults = sampling_defaults or SamplingParams()
+        self.fingerprint = fingerprint
         self.model = Qwen2Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

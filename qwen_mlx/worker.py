@@ -18,27 +18,30 @@ import os
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from qwen_mlx.cache import CacheSettings, PromptCache, longest_common_prefix
+from qwen_mlx.cache import CacheSettings, PromptCache
 from qwen_mlx.decode import Decoder
 from qwen_mlx.decode import Sequence as TokenSequence
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk, ReplyText, text_chunks
+from qwen_mlx.prefix_cache import CacheStats, DiskTier, PrefixCache, ReplyMemory, settings_tag
 from qwen_mlx.request import GenerationRequest, Prompt, prepare_request
 from qwen_mlx.speculative import DraftModel
 from qwen_mlx.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-ANONYMOUS = "\0anonymous:"  # session names of caches picked by prompt prefix; no user session starts with NUL
 CLOSE_TIMEOUT_S = 10.0  # `close` returns after this long even if the thread is stuck inside MLX
+FLUSH_TIMEOUT_S = 120.0  # ... and after this long writing the prefix cache to disk at shutdown
 RATE_WINDOW_S = 10.0  # aggregate tokens/s is measured over this many recent seconds
 
 Loader = Callable[[], tuple[nn.Module, Tokenizer]]
@@ -86,74 +89,39 @@ class Job:
         return item
 
 
-class SessionCaches:
-    """The PromptCaches of the last `max_sessions` sessions (conversations, clients), least recently used out.
-
-    A job without a session whose prompt resends a conversation (an API client) gets the anonymous cache that
-    shares the longest prefix with it. A cache in use by a running job is never handed out twice or evicted.
-    """
-
-    def __init__(self, max_sessions: int):
-        self.max_sessions = max_sessions
-        self.caches: OrderedDict[str, PromptCache] = OrderedDict()
-        self.in_use: set[str] = set()
-        self._anonymous = 0
-
-    def checkout(self, session: str | None, prompt_ids: list[int], new: Callable[[], PromptCache]) -> str:
-        """The session whose cache `prompt_ids` will run in, reserved until `checkin`."""
-        if session is None:
-            session = self._closest_anonymous(prompt_ids)
-        if session not in self.caches:
-            self.caches[session] = new()
-        self.caches.move_to_end(session)
-        self.in_use.add(session)
-        self._evict()
-        return session
-
-    def checkin(self, session: str, keep: bool = True) -> None:
-        self.in_use.discard(session)
-        if not keep:  # it may hold a half-written step: rebuild it next time
-            self.caches.pop(session, None)
-        self._evict()
-
-    def forget(self, session: str) -> None:
-        if session not in self.in_use:
-            self.caches.pop(session, None)
-
-    def _evict(self) -> None:
-        for name in [n for n in self.caches if n not in self.in_use][: max(0, len(self.caches) - self.max_sessions)]:
-            del self.caches[name]
-
-    def _closest_anonymous(self, ids: list[int]) -> str:
-        """The anonymous cache sharing the longest prefix with `ids`, if that prefix is most of the cache (the
-        next turn of its conversation: only the last reply may re-tokenize differently) or no room is left for a
-        new one. Two clients with the same system prompt then keep a cache each instead of trimming each other's."""
-        shared = [
-            (longest_common_prefix(c.tokens, ids), len(c.tokens), k)
-            for k, c in self.caches.items() if k.startswith(ANONYMOUS) and k not in self.in_use
-        ]
-        best = max(shared, default=None)
-        if best is not None and best[0] > 0 and (2 * best[0] >= best[1] or len(self.caches) >= self.max_sessions):
-            return best[2]
-        self._anonymous += 1
-        return f"{ANONYMOUS}{self._anonymous}"
-
-
 @dataclass(eq=False)
 class Running:
-    """A job in the decoder: its sequence, its text, and the session cache it holds."""
+    """A job in the decoder: its sequence and its text."""
 
     job: Job
-    session: str
     sequence: TokenSequence
     reply: ReplyText
+
+
+@dataclass(frozen=True)
+class CacheTiers:
+    """Where the prefix cache keeps finished turns: at most `ram_bytes` in memory, then up to `disk_bytes` of
+    files under `folder` (None: no disk tier)."""
+
+    ram_bytes: int
+    folder: Path | None = None
+    disk_bytes: int = 0
+
+
+def default_ram_bytes() -> int:
+    """A tenth of the machine's memory for cached prefixes (the memory the model and its live rows need aside)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.1)
+    except (ValueError, OSError):
+        return 2 << 30
 
 
 class ModelWorker:
     """Owns a model on a dedicated thread: loads it there, then decodes up to `max_batch` jobs at a time.
 
-    Each session (a conversation, a client) keeps its own PromptCache, so its next turn prefills only what is new;
-    the `max_sessions` most recently used caches are kept (see `SessionCaches`).
+    Finished turns go to one `PrefixCache` for the process (RAM, then disk with `tiers.folder`), so any request
+    starts from the longest prefix computed before, its own conversation's or another's, also after a restart.
+    A session (a conversation) runs one job at a time: a second one waits for the first, in order.
     """
 
     def __init__(
@@ -162,7 +130,7 @@ class ModelWorker:
         *,
         cache: CacheSettings | None = None,
         max_batch: int = 1,
-        max_sessions: int = 4,
+        tiers: CacheTiers | None = None,
         max_queue: int | None = None,
         options: dict[str, Any] | None = None,
         load_draft: Callable[[Tokenizer], DraftModel] | None = None,
@@ -190,7 +158,12 @@ class ModelWorker:
         self._running: dict[TokenSequence, Running] = {}
         self._idle_waiters: list[threading.Event] = []  # set once no job is running (`close`)
         self._decoder: Decoder | None = None
-        self._sessions = SessionCaches(max_sessions)
+        self.tiers = tiers or CacheTiers(default_ram_bytes())
+        self.prefixes: PrefixCache | None = None  # made once the model is loaded
+        self.replies = ReplyMemory()  # ... and then kept beside its disk tier
+        self._busy_sessions: set[str] = set()
+        # A session's last finished cache, for `forget`: weak, so an entry the prefix cache drops is freed.
+        self._entry_of: weakref.WeakValueDictionary[str, PromptCache] = weakref.WeakValueDictionary()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
         self._thread.start()
@@ -207,6 +180,10 @@ class ModelWorker:
     def active(self) -> int:
         """Jobs decoding (or prefilling) now."""
         return len(self._running)
+
+    def cache_stats(self) -> CacheStats:
+        """The prefix cache's entries, sizes and hits (read from any thread: counters, no MLX)."""
+        return self.prefixes.snapshot() if self.prefixes is not None else CacheStats()
 
     @property
     def decode_passes(self) -> int:
@@ -250,8 +227,8 @@ class ModelWorker:
         return job
 
     def forget(self, session: str) -> None:
-        """Drop a session's cache (its conversation was deleted), in turn on the worker's thread."""
-        self._inbox.put(lambda: self._sessions.forget(session))
+        """Drop a session's cached turn (its conversation was deleted), in turn on the worker's thread."""
+        self._inbox.put(lambda: self.prefixes is not None and self.prefixes.drop(self._entry_of.pop(session, None)))
 
     def cancel_all(self) -> None:
         """Cancel the running and waiting jobs, and every job submitted from now on (the server is stopping):
@@ -273,6 +250,12 @@ class ModelWorker:
         if not idle.wait(timeout):
             log.warning("the model thread did not become idle within %.0f s", timeout)
             return False
+        if self.prefixes is not None and self.prefixes.disk is not None:
+            flushed = threading.Event()
+            self._inbox.put(lambda: (self.prefixes.flush(), self.replies.save(), flushed.set()))  # MLX: its thread
+            if not flushed.wait(FLUSH_TIMEOUT_S):
+                log.warning("writing the prefix cache to disk took longer than %.0f s", FLUSH_TIMEOUT_S)
+                return False
         return True
 
     # --- on the worker's thread ---
@@ -293,6 +276,8 @@ class ModelWorker:
             self.loaded.set()
             decoder = Decoder(self.model, self.tokenizer) if self.model is not None else None
             self._decoder = decoder
+            if self.model is not None:
+                self.prefixes = self._prefix_cache()
             while True:
                 try:
                     self._take_inbox(block=not self._running and not self._queued)
@@ -306,6 +291,18 @@ class ModelWorker:
                 except Exception:  # a bug here must not end the thread: fail what is running, go on
                     log.exception("the model thread hit an error; failing the running jobs")
                     self._fail_all(decoder, QwenMLXError("internal error while generating; see the server log"))
+
+    def _prefix_cache(self) -> PrefixCache:
+        disk = None
+        if self.tiers.folder is not None and self.tiers.disk_bytes > 0 and self.model.fingerprint:
+            tag = settings_tag(self.cache_settings)
+            try:
+                disk = DiskTier(self.tiers.folder / self.model.fingerprint / tag, self.model.fingerprint, tag,
+                                self.tiers.disk_bytes)
+                self.replies = ReplyMemory(disk.folder.parent / "replies.json")
+            except OSError as e:
+                log.warning("no disk tier for the prefix cache (%s): %s", self.tiers.folder, e)
+        return PrefixCache(self.model, self.cache_settings, self.tiers.ram_bytes, disk)
 
     def _take_inbox(self, block: bool) -> None:
         """Move submitted jobs to the queue and run errands; wait for one when there is nothing else to do."""
@@ -326,7 +323,7 @@ class ModelWorker:
         deferred: list[Job] = []
         while self._queued and len(self._running) < self.max_batch:
             job = self._queued.popleft()
-            if job.session is not None and job.session in self._sessions.in_use:
+            if job.session is not None and job.session in self._busy_sessions:
                 deferred.append(job)
                 continue
             with self._lock:
@@ -343,17 +340,24 @@ class ModelWorker:
         request = job.request
         if not self._running:
             mx.reset_peak_memory()  # a reply's peak memory counts from when the model last went busy
-        session = self._sessions.checkout(job.session, request.prompt_ids,
-                                          lambda: PromptCache.new(self.model, self.cache_settings))
+        cache = self.prefixes.acquire(request.prompt_ids)
+
+        def on_prefill(done: int, total: int) -> None:
+            job.prefill = (done, total)
+            if done == total - 1 and not cache.is_trimmable():
+                # A rotating cache that wrapped in this prompt cannot be trimmed back to it later: keep the
+                # prompt's state as a checkpoint, so regenerating this turn does not rebuild it from nothing.
+                self.prefixes.checkpoint(cache)
+
         try:
-            sequence = decoder.add(request, self._sessions.caches[session], job.cancelled,
-                                   on_prefill=lambda done, total: setattr(job, "prefill", (done, total)))
+            sequence = decoder.add(request, cache, job.cancelled, on_prefill=on_prefill)
         except Exception as e:
-            self._sessions.checkin(session, keep=False)
             self._end(job, e if isinstance(e, QwenMLXError) else QwenMLXError(f"generation failed: {e}"))
             return
+        if job.session is not None:
+            self._busy_sessions.add(job.session)
         reply = ReplyText(self.tokenizer, sequence, self.model.config.context_length)
-        self._running[sequence] = Running(job, session, sequence, reply)
+        self._running[sequence] = Running(job, sequence, reply)
         job.started.set()
 
     def _step(self, decoder: Decoder) -> None:
@@ -377,7 +381,12 @@ class ModelWorker:
 
     def _stop(self, running: Running, error: BaseException | None = None) -> None:
         del self._running[running.sequence]
-        self._sessions.checkin(running.session, keep=error is None)
+        session = running.job.session
+        self._busy_sessions.discard(session)
+        if error is None:  # a failed one may hold a half-written step: not kept
+            self.prefixes.release(running.sequence.cache)
+            if session is not None:
+                self._entry_of[session] = running.sequence.cache
         if not self._running:
             # A cancelled generation leaves its next step computing: wait for it, so that nothing runs on this
             # thread's stream while it is idle or when the process exits (MLX then aborts).

@@ -19,10 +19,13 @@ def free_port() -> int:
 
 def start_server(args: list[str], ready_url: str, log_path: Path, env: dict[str, str] | None = None,
                  timeout: float = 90) -> subprocess.Popen[bytes]:
-    """`python -m qwen_mlx.cli ARGS`, once `ready_url` answers; its output goes to `log_path`."""
+    """`python -m qwen_mlx.cli ARGS`, once `ready_url` answers; its output goes to `log_path`. Unless `env` names
+    one, the server keeps its files (the prefix cache's disk tier, conversations) in a home of its own beside the
+    log, so no server starts from another's caches."""
+    home = {"QWEN_MLX_HOME": str(log_path.with_suffix(".home"))}
     with open(log_path, "wb") as log:  # the server keeps its own handle
-        process = subprocess.Popen([sys.executable, "-m", "qwen_mlx.cli", *args], env={**os.environ, **(env or {})},
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "qwen_mlx.cli", *args],
+                                   env={**os.environ, **home, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

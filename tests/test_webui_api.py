@@ -142,7 +142,7 @@ def test_follow_up_turn_prefills_only_what_is_new(server: tuple[str, Path]) -> N
     c = client(server[0])
     first = footers(c.predict("What is the capital of France?", max_tokens=8, api_name="/send"))
     prompt1, prefilled1, _ = reply_stats(first[1])
-    assert prefilled1 == prompt1
+    assert prefilled1 <= prompt1  # (the system prompt may come from another conversation's cached turn)
     second = footers(c.predict("And of Italy?", max_tokens=8, api_name="/send"))
     prompt2, prefilled2, _ = reply_stats(second[3])
     # The first turn's prompt (at least) came from the conversation's cache, not from a second read.

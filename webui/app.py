@@ -183,14 +183,16 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
             then_export(trigger(app.rename, [title, conversation, search], outputs, **quick))
         then_export(import_json.upload(app.import_json, [import_json, conversation, search], outputs,
                                        api_visibility="private", show_progress="hidden"))
-        search.input(app.search, [search, conversation], conversations, trigger_mode="always_last", **quick)
+        # .change, not .input: Gradio's "input" comes from key presses, and Backspace, Delete or a paste with the
+        # mouse send none.
+        search.change(app.search, [search, conversation], conversations, trigger_mode="always_last", **quick)
         timer.tick(app.refresh, [conversation, search, shown], [conversations, shown], **quick)
 
         system_prompt.change(app.set_system_prompt, [system_prompt, conversation], meter, **quick)
         preset.input(lambda name: app.default_system if PRESETS.get(name) is None else PRESETS[name], [preset],
                      system_prompt, **quick)
-        message.input(app.draft_meter, [message, attachments, conversation], meter, trigger_mode="always_last",
-                      **quick)
+        message.change(app.draft_meter, [message, attachments, conversation], meter, trigger_mode="always_last",
+                       **quick)
         attach.upload(app.attach, [attach, attachments, message, conversation],
                       [attachments, attachments_view, meter, status], api_visibility="private",
                       show_progress="hidden")

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from qwen_mlx.cache import PromptCache, save_prompt_cache
 from qwen_mlx.commands.flags import add_cache_arguments, add_model_argument, cache_settings
-from qwen_mlx.commands.terminal import load_with_status, model_shape
+from qwen_mlx.commands.terminal import load_with_status, prompt_cache_metadata, read_text
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,7 +25,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     settings = cache_settings(args)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = read_text(args.prompt)
     model, tokenizer = load_with_status(args.model)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": text}
@@ -34,8 +33,7 @@ def run(args: argparse.Namespace) -> int:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
     prompt_cache = PromptCache.new(model, settings)
     prompt_cache.prefill(model, ids)
-    meta = {"model": args.model, "model_shape": model_shape(model), "messages": json.dumps(messages)}
-    save_prompt_cache(args.output, prompt_cache, meta)
+    save_prompt_cache(args.output, prompt_cache, prompt_cache_metadata(args.model, model, messages))
     print(f"Saved {len(ids)} tokens of prompt cache to {args.output} ({prompt_cache.nbytes / 1e6:.1f} MB)",
           file=sys.stderr)
     return 0

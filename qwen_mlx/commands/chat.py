@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as e:
+            print(f"qwen-mlx: error: that line is not valid UTF-8 (byte {e.start}); type it again", file=sys.stderr)
+            continue
         if not line.strip():
             continue
         if line.strip() in ("/exit", "/quit"):

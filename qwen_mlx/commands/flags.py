@@ -19,9 +19,10 @@ from qwen_mlx.load import DEFAULT_MODEL, load
 from qwen_mlx.request import DEFAULT_DRAFT_TOKENS, speculation_settings
 from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
-from qwen_mlx.worker import ModelWorker, slowed_for_tests
+from qwen_mlx.worker import CacheTiers, ModelWorker, default_ram_bytes, slowed_for_tests
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_CACHE_DISK_GB = 10.0
 
 
 def add_model_argument(parser: Any, demo: bool = False) -> None:
@@ -122,6 +123,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int, max_queue: 
     parser.add_argument("--max-batch", type=int, default=8,
                         help="most requests decoded together, one forward pass per step for all (default 8; "
                              "1: one at a time)")
+    parser.add_argument("--cache-ram-gb", type=float,
+                        help="memory for the KV caches of finished turns, reused by any request that starts the "
+                             "same way (default: a tenth of this machine's RAM)")
+    parser.add_argument("--cache-disk-gb", type=float, default=DEFAULT_CACHE_DISK_GB,
+                        help="disk for the turns that no longer fit in memory and for all of them at shutdown, "
+                             f"so a restarted server resumes them (default {DEFAULT_CACHE_DISK_GB:g}; 0: none)")
 
 
 def check_server_arguments(args: argparse.Namespace, guard_flag: str, guarded: bool) -> CacheSettings:
@@ -131,6 +138,9 @@ def check_server_arguments(args: argparse.Namespace, guard_flag: str, guarded: b
     for flag, value in (("--max-queue", args.max_queue), ("--max-batch", args.max_batch)):
         if value < 1:
             raise QwenMLXError(f"{flag} {value} must be at least 1")
+    for flag, value in (("--cache-ram-gb", args.cache_ram_gb), ("--cache-disk-gb", args.cache_disk_gb)):
+        if value is not None and not value >= 0:
+            raise QwenMLXError(f"{flag} {value:g} must be 0 or more")
     if args.host not in LOOPBACK_HOSTS and not guarded:
         print(f"qwen-mlx: warning: --host {args.host} without {guard_flag} lets anyone who can reach this machine "
               f"use the model; add {guard_flag}", file=sys.stderr)
@@ -169,6 +179,8 @@ def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str) -> 
     def draft_for(tokenizer: Tokenizer) -> DraftModel:
         return load_draft(args.draft_model, tokenizer)
 
-    return ModelWorker(load_model, cache=cache, max_batch=args.max_batch, max_queue=args.max_queue,
+    ram = default_ram_bytes() if args.cache_ram_gb is None else int(args.cache_ram_gb * 1e9)
+    tiers = CacheTiers(ram, data_home() / "kv-cache", int(args.cache_disk_gb * 1e9))
+    return ModelWorker(load_model, cache=cache, max_batch=args.max_batch, max_queue=args.max_queue, tiers=tiers,
                        options=speculation_options(args, None), load_draft=draft_for if args.draft_model else None,
                        on_status=lambda status: print(f"qwen-mlx: {label}: {status}", file=sys.stderr, flush=True))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from qwen_mlx.commands.flags import add_model_argument, add_sampling_arguments
-from qwen_mlx.commands.terminal import load_for_replies, print_stats, start_messages, stream_reply
+from qwen_mlx.commands.terminal import load_for_replies, print_stats, read_text, start_messages, stream_reply
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -22,7 +21,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_text(args.prompt)
     model, tokenizer, draft = load_for_replies(args)
     prompt_cache, messages = start_messages(args, model)
     messages.append({"role": "user", "content": prompt})
