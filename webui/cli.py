@@ -53,15 +53,16 @@ def run(args: argparse.Namespace) -> int:
     worker = start_worker(args, cache, model_name)
     worker.wait_loaded()
 
-    from qwen_mlx.webui.app import CSS, build_app
+    from qwen_mlx.webui.app import CSS, HEAD, build_app
     from qwen_mlx.webui.conversations import ConversationStore
 
     page = build_app(worker, ConversationStore(home / "conversations"), model_name=model_name, demo=args.demo,
                      browser_secret=browser_secret(home))
     page.queue(max_size=args.max_queue)
     try:
-        page.launch(server_name=args.host, server_port=args.port, auth=auth, ssr_mode=False, css=CSS,
-                    footer_links=["api", "settings"], prevent_thread_lock=True)
+        # No "settings" footer link: Gradio's developer settings panel is not for the people chatting.
+        page.launch(server_name=args.host, server_port=args.port, auth=auth, ssr_mode=False, css=CSS, head=HEAD,
+                    footer_links=["api"], prevent_thread_lock=True, max_file_size="20mb")
     except OSError:
         raise QwenMLXError(f"cannot listen on {args.host}:{args.port}; pick another --port") from None
     # On Ctrl-C uvicorn waits for open connections to close, and API clients keep a heartbeat open: not long.
