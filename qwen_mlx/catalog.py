@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,19 @@ class LocalModel:
 
     name: str  # the repo id (Hugging Face cache) or the folder's name ($QWEN_MLX_HOME/models)
     folder: Path  # what `load` reads: the snapshot of the cached repo, or the folder
-    in_cache: bool  # True: a Hugging Face cache repo; False: a folder under $QWEN_MLX_HOME/models
+    repo_id: str | None  # the Hugging Face cache repo it is; None: a folder (under $QWEN_MLX_HOME/models, say)
     size: int  # bytes on disk (every cached revision: what `rm` frees)
     modified: float  # seconds since the epoch
     config: dict[str, Any] = field(repr=False)
     revision: str | None = None  # the snapshot's commit hash
 
     @property
+    def in_cache(self) -> bool:
+        return self.repo_id is not None
+
+    @property
     def aliases(self) -> list[str]:
-        return aliases_of(self.name) if self.in_cache else []
+        return aliases_of(self.repo_id) if self.repo_id else []
 
     @property
     def bits(self) -> str:
@@ -71,8 +75,10 @@ class LocalModel:
         return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
     def matches(self, name: str) -> bool:
-        wanted = name.strip().removesuffix(":latest")
-        return wanted == self.name or wanted.lower() in self.aliases or name.strip().lower() in self.aliases
+        """`name` calls this model: its name, its repo id or an alias (an Ollama client's ":latest" tag allowed)."""
+        given = name.strip()
+        wanted = given.removesuffix(":latest")
+        return wanted in (self.name, self.repo_id) or given.lower() in self.aliases
 
 
 def models_home() -> Path:
@@ -118,7 +124,7 @@ def cached_models() -> list[LocalModel]:
         revision = max(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified))
         config = runnable_config(revision.snapshot_path)
         if config is not None:
-            found.append(LocalModel(repo.repo_id, revision.snapshot_path, True, repo.size_on_disk,
+            found.append(LocalModel(repo.repo_id, revision.snapshot_path, repo.repo_id, repo.size_on_disk,
                                     repo.last_modified, config, revision.commit_hash))
     return found
 
@@ -133,10 +139,27 @@ def home_models() -> list[LocalModel]:
             continue  # a build in progress (the demo's, a conversion's) or a stray file
         config = runnable_config(folder)
         if config is not None:
-            files = [p for p in folder.rglob("*") if p.is_file()]
-            found.append(LocalModel(folder.name, folder, False, sum(p.stat().st_size for p in files),
-                                    max((p.stat().st_mtime for p in files), default=0.0), config))
+            found.append(_folder_model(folder.name, folder, config))
     return found
+
+
+def _folder_model(name: str, folder: Path, config: dict[str, Any]) -> LocalModel:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return LocalModel(name, folder, None, sum(p.stat().st_size for p in files),
+                      max((p.stat().st_mtime for p in files), default=0.0), config)
+
+
+def describe_folder(name: str, folder: Path) -> LocalModel:
+    """The model in `folder`, called `name`: the catalog's entry when it is a local model (its repo, size on disk,
+    revision), else what the folder itself says."""
+    real = folder.resolve()
+    known = next((m for m in local_models() if m.folder.resolve() == real), None)
+    if known is not None:
+        return replace(known, name=name)
+    config = runnable_config(folder)
+    if config is None:
+        raise QwenMLXError(f"{folder}: not a Qwen2 model folder (config.json with model_type qwen2, *.safetensors)")
+    return _folder_model(name, folder, config)
 
 
 def find_local(name: str) -> LocalModel | None:
@@ -164,9 +187,9 @@ def _remove_cached(model: LocalModel) -> None:
 
     cache = hub_cache().resolve()
     scan = scan_cache_dir(cache)
-    repo = next((r for r in scan.repos if r.repo_type == "model" and r.repo_id == model.name), None)
+    repo = next((r for r in scan.repos if r.repo_type == "model" and r.repo_id == model.repo_id), None)
     if repo is None:
-        raise QwenMLXError(f"{model.name}: no longer in the Hugging Face cache ({cache})")
+        raise QwenMLXError(f"{model.repo_id}: no longer in the Hugging Face cache ({cache})")
     if repo.repo_path.resolve().parent != cache:
         raise QwenMLXError(f"{repo.repo_path}: not inside the Hugging Face cache {cache}; not removed")
     scan.delete_revisions(*(r.commit_hash for r in repo.revisions)).execute()
@@ -215,17 +238,6 @@ def forget_use(name: str) -> None:
 
 def last_used(name: str) -> float | None:
     return _read_usage().get(name)
-
-
-def is_local_model_folder(folder: Path) -> LocalModel | None:
-    """The local model whose files `folder` holds (a cache snapshot or a folder under $QWEN_MLX_HOME/models)."""
-    try:
-        real = folder.resolve()
-    except OSError:
-        return None
-    if not (real.is_relative_to(hub_cache().resolve()) or real.is_relative_to(models_home().resolve())):
-        return None
-    return next((m for m in local_models() if m.folder.resolve() == real), None)
 
 
 def describe_size(size: int) -> str:

@@ -305,11 +305,13 @@ class ModelWorker:
         return self.unloaded.wait(timeout)
 
     def reload(self, load: Loader, *, options: dict[str, Any] | None = None,
-               load_draft: Callable[[Tokenizer], DraftModel] | None = None) -> None:
+               load_draft: Callable[[Tokenizer], DraftModel] | None = None,
+               on_status: Callable[[str], None] | None = None) -> None:
         """Load another model on this unloaded worker's thread, as a new worker would (see `__init__`)."""
         if not self.unloaded.is_set():
             raise RuntimeError("reload() needs an unloaded worker")
         self._load, self._load_draft = load, load_draft
+        self._on_status = on_status or self._on_status
         self.options = {k: v for k, v in (options or {}).items() if v is not None}
         self.load_error = None
         self.generated_tokens = 0

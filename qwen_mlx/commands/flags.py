@@ -12,10 +12,13 @@ from typing import Any
 import mlx.nn as nn
 
 from qwen_mlx.cache import CacheSettings
+from qwen_mlx.catalog import record_use, repo_id_for
 from qwen_mlx.demo import demo_model_folder
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
-from qwen_mlx.load import DEFAULT_MODEL, load
+from qwen_mlx.load import DEFAULT_MODEL, load, resolve_model_path
+from qwen_mlx.names import aliases_of
+from qwen_mlx.registry import LocalModels, ModelRegistry, ModelSource, keep_alive_seconds
 from qwen_mlx.request import DEFAULT_DRAFT_TOKENS, speculation_settings
 from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
@@ -28,7 +31,8 @@ def add_model_argument(parser: Any, demo: bool = False) -> None:
     """--model (a folder or repo id); with `demo`, also --demo, the offline random model, as its alternative."""
     group = parser.add_mutually_exclusive_group() if demo else parser
     group.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                       help=f"local model folder or Hugging Face repo id (default: {DEFAULT_MODEL})")
+                       help=f"model folder, local model name, alias (qwen2.5:7b; see `qwen-mlx list`) or Hugging Face "
+                            f"repo id (default: {DEFAULT_MODEL})")
     if demo:
         group.add_argument("--demo", action="store_true",
                            help="no download: a tiny random-weight Qwen2 with the real tokenizer (replies are "
@@ -146,6 +150,62 @@ def check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise QwenMLXError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
+
+
+def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
+    """How many models a server keeps loaded, and for how long (see `registry.ModelRegistry`)."""
+    parser.add_argument("--max-models", type=int, default=1,
+                        help="most models loaded at once; a request for another unloads the least recently used idle "
+                             "one (default 1)")
+    parser.add_argument("--keep-alive", default="5m",
+                        help="unload a model idle this long: 5m, 1h, 30s, 300 (seconds), 0 (after each request) or "
+                             "-1 (never) (default 5m)")
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    """The model a server starts with (--model, --demo), resolved (downloaded first if need be) before it serves;
+    requests may call it by its served name, by what --model said, or by an alias of its repo."""
+    if args.demo:
+        return ModelSource("qwen2-demo", demo_model_folder(data_home() / "models"), ("demo",), pinned=True)
+    folder = resolve_model_path(args.model)
+    name = served_model_name(args)
+    repo_id = repo_id_for(args.model) if not Path(args.model).expanduser().exists() else None
+    aliases = {args.model, *([repo_id, *aliases_of(repo_id)] if repo_id else [])} - {name}
+    return ModelSource(name, folder, tuple(sorted(aliases)), pinned=True)
+
+
+def start_registry(args: argparse.Namespace, cache: CacheSettings) -> tuple[ModelRegistry, ModelSource]:
+    """The registry a server runs its models in, with --model (or --demo) loading; its progress on stderr. Only
+    that model gets --draft-model (a draft must share its model's tokenizer)."""
+    if args.max_models < 1:
+        raise QwenMLXError(f"--max-models {args.max_models} must be at least 1")
+    keep_alive = keep_alive_seconds(args.keep_alive, "--keep-alive")
+    pinned = model_source(args)
+
+    def start(source: ModelSource, spare: ModelWorker | None) -> ModelWorker:
+        def load_source() -> tuple[nn.Module, Tokenizer]:
+            model, tokenizer = load(source.folder)
+            if not source.pinned:
+                record_use(source.name)
+            return slowed_for_tests(model), tokenizer
+
+        def draft_for(tokenizer: Tokenizer) -> DraftModel:
+            return load_draft(args.draft_model, tokenizer)
+
+        options = speculation_options(args, None)
+        draft = draft_for if source.pinned and args.draft_model else None
+
+        def status(message: str) -> None:
+            print(f"qwen-mlx: {source.name}: {message}", file=sys.stderr, flush=True)
+
+        if spare is not None:
+            spare.reload(load_source, options=options, load_draft=draft, on_status=status)
+            return spare
+        return ModelWorker(load_source, cache=cache, max_batch=args.max_batch, max_queue=args.max_queue,
+                           options=options, load_draft=draft, on_status=status)
+
+    registry = ModelRegistry(LocalModels([pinned]), start, max_models=args.max_models, keep_alive=keep_alive)
+    return registry, pinned
 
 
 def served_model_name(args: argparse.Namespace) -> str:

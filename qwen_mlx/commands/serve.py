@@ -1,4 +1,4 @@
-"""`qwen-mlx serve`: the OpenAI-compatible HTTP API (`qwen_mlx.server`) over one model."""
+"""`qwen-mlx serve`: the OpenAI, Ollama and Anthropic HTTP APIs (`qwen_mlx.server`) over the local models."""
 
 from __future__ import annotations
 
@@ -8,14 +8,21 @@ import signal
 import sys
 from typing import Any
 
-from qwen_mlx.commands.flags import add_server_arguments, check_server_arguments, served_model_name, start_worker
+from qwen_mlx.commands.flags import (
+    add_registry_arguments,
+    add_server_arguments,
+    check_server_arguments,
+    start_registry,
+)
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.guard import DEFAULT_MAX_BODY_MB, GuardSettings
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API (chat, tools, JSON schema)")
+    parser = subparsers.add_parser("serve", help="HTTP API for the local models: OpenAI's, Ollama's and Anthropic's "
+                                                 "(chat, tools, JSON schema)")
     add_server_arguments(parser, port=8080, max_queue=16)
+    add_registry_arguments(parser)
     parser.add_argument("--api-key", default=os.environ.get("QWEN_MLX_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $QWEN_MLX_API_KEY; none: open)")
     parser.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
@@ -40,27 +47,27 @@ def run(args: argparse.Namespace) -> int:
     if not args.max_body_mb > 0:
         raise QwenMLXError(f"--max-body-mb {args.max_body_mb:g} must be positive")
     cache = check_server_arguments(args, "--api-key", guarded=args.api_key is not None)
-    source = "demo" if args.demo else args.model
-    model_id = served_model_name(args)
-    worker = start_worker(args, cache, source)
-    worker.wait_loaded()
-    if worker.load_error is not None:
-        worker.close()
-        raise worker.load_error
+    registry, pinned = start_registry(args, cache)
+    try:
+        registry.release(registry.acquire(pinned.name))  # the model it starts with is loaded before it serves
+    except QwenMLXError:
+        registry.close()
+        raise
     guard = GuardSettings.for_server(args.host, args.allowed_host, args.cors, args.max_body_mb)
-    app = build_app(worker, ServerSettings(model_id, (source,), args.api_key, guard))
+    app = build_app(registry, ServerSettings(pinned.name, args.api_key, guard, args.max_batch))
+    model_id = pinned.name
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Streams still open end with a last event ("the server is shutting down") within a token, so the
             # graceful shutdown has nothing to cut off.
-            worker.cancel_all()
+            registry.cancel_all()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     server = Server(config)
-    print(f"qwen-mlx: serving {model_id!r} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", file=sys.stderr,
-          flush=True)
+    print(f"qwen-mlx: serving {model_id!r} and the other local models at http://{args.host}:{args.port} (OpenAI: /v1, "
+          "Ollama: /api, Anthropic: /v1/messages; Ctrl-C stops)", file=sys.stderr, flush=True)
     previous = signal.signal(signal.SIGTERM, stop_requested)
     try:
         server.run()
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         pass  # uvicorn raises the signal it stopped on again once it has shut down: the stop that was asked for
     finally:
         signal.signal(signal.SIGTERM, previous)
-        worker.close()
+        registry.close()
     return 0
 
 
