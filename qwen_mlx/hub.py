@@ -69,9 +69,13 @@ def hub_error(repo_id: str, name: str, error: Exception) -> QwenMLXError | None:
                             "a local folder)")
     if isinstance(error, HFValidationError):
         return QwenMLXError(f"{repo_id}: not a valid Hugging Face repo id ({error})")
-    if isinstance(error, HfHubHTTPError | OSError):
-        return QwenMLXError(f"{shown}: download failed ({error}); check the connection and run `qwen-mlx pull {name}` "
-                            "again (it resumes), or pass a local folder")
+    # The HTTP stack's own errors (a connection dropped for good, say) come from httpx (huggingface_hub < 1.0:
+    # requests) and carry no common base class to name here.
+    transport = type(error).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+    if isinstance(error, HfHubHTTPError | OSError) or transport:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return QwenMLXError(f"{shown}: download failed ({detail}); check the connection and run `qwen-mlx pull "
+                            f"{name}` again (the files already downloaded are kept), or pass a local folder")
     return None
 
 
