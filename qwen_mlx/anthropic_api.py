@@ -21,9 +21,10 @@ from qwen_mlx.grammar import tool_call_grammar
 from qwen_mlx.openai_api import APIError, ServedModel
 from qwen_mlx.request import MAX_TOKENS_LIMIT, GenerationRequest, check_text, is_int, prepare_request
 
+# cache_control (here, on text blocks and tools): a prompt-caching hint; every prefix is cached here anyway.
 FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
-          "tools", "tool_choice", "metadata", "output_config", "thinking", "service_tier"}
-TEXT_FIELDS = {"type", "text", "cache_control"}  # cache_control: a caching hint; prefixes are cached anyway
+          "tools", "tool_choice", "metadata", "output_config", "thinking", "service_tier", "cache_control"}
+TEXT_FIELDS = {"type", "text", "cache_control"}
 TOOL_FIELDS = {"name", "description", "input_schema", "cache_control", "type"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
@@ -342,13 +343,13 @@ class AnthropicReply:
 
     def _piece(self, piece: CallPiece) -> list[tuple[str, dict[str, Any]]]:
         if piece.name is not None:
-            return self._close() + self._open_tool(piece.name)
+            return self._open_tool(piece.name)
         return self._input(piece.arguments) if piece.arguments else []
 
     def _text(self, text: str) -> list[tuple[str, dict[str, Any]]]:
         events = []
         if self.open is None or self.blocks[self.open]["type"] != "text":
-            events += self._close() + self._open({"type": "text", "text": ""})
+            events += self._open({"type": "text", "text": ""})
         self.blocks[self.open]["text"] += text
         return [*events, ("content_block_delta", {"type": "content_block_delta", "index": self.open,
                                                   "delta": {"type": "text_delta", "text": text}})]
@@ -365,10 +366,13 @@ class AnthropicReply:
                                          "delta": {"type": "input_json_delta", "partial_json": piece}})]
 
     def _open(self, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """Start a block, closing the one before (blocks never overlap)."""
+        events = self._close()
         self.blocks.append(block)
         self.open = len(self.blocks) - 1
         shown = {k: v for k, v in block.items() if k != "json"}
-        return [("content_block_start", {"type": "content_block_start", "index": self.open, "content_block": shown})]
+        return [*events, ("content_block_start", {"type": "content_block_start", "index": self.open,
+                                                  "content_block": shown})]
 
     def _close(self) -> list[tuple[str, dict[str, Any]]]:
         if self.open is None:

@@ -246,9 +246,9 @@ def _prepare(served: ServedModel, ids: list[int], body: dict[str, Any]) -> Gener
     try:
         return prepare_request(served.model, served.tokenizer, ids, **{**served.options, **options})
     except QwenMLXError as e:
-        name = {"repetition_penalty": "options.repeat_penalty", "json_schema": "format",
+        name = {"repetition_penalty": "options.repeat_penalty", "json_schema": "format", "grammar": "format",
                 "response_format": "format"}.get(e.field or "", e.field)
-        raise APIError(400, str(e), name) from None
+        raise APIError(400, f"{name}: {e}" if name == "format" else str(e), name) from None
 
 
 def _options(options: Any) -> dict[str, Any]:

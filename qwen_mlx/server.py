@@ -322,10 +322,12 @@ class Endpoints:
         body = await self.body(request)
         name = ollama_api.model_name({"model": body.get("name"), **body} if isinstance(body, dict) else body)
         source = await asyncio.to_thread(self.registry.models.resolve, name)
+        entry = self.registry.find_loaded(source.name)
+        tokenizer = entry.worker.tokenizer if entry is not None else None
 
         def describe() -> dict[str, Any]:
             model = describe_folder(source.name, source.folder)
-            template = Tokenizer.from_folder(source.folder).chat_template or ""
+            template = (tokenizer or Tokenizer.from_folder(source.folder)).chat_template or ""
             return ollama_api.show(model, template, SamplingParams.from_generation_config(source.folder))
 
         return JSONResponse(await asyncio.to_thread(describe))
