@@ -57,10 +57,14 @@ def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
-def listed(env: dict[str, str]) -> list[dict[str, object]]:
-    result = qwen_mlx_cli(["list", "--json"], env)
-    assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
+def listed(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+           ) -> list[dict[str, object]]:
+    """`qwen-mlx list --json` in this process (the cache and home of `env`): a subprocess each time costs seconds."""
+    monkeypatch.setenv("QWEN_MLX_HOME", env["QWEN_MLX_HOME"])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(Path(env["HF_HOME"]) / "hub"))
+    capsys.readouterr()
+    assert cli.main(["list", "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
 # --- names ---
@@ -97,9 +101,14 @@ def test_offline_a_model_not_yet_pulled_says_to_pull_it(homes: dict[str, str]) -
 
 
 def test_pull_list_run_rm_through_the_hugging_face_cache(hub: tuple[FakeHub, str], homes: dict[str, str],
-                                                        source: Path, tmp_path: Path) -> None:
+                                                        source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     fake, url = hub
     env = {**homes, "HF_ENDPOINT": url}
+
+    def models() -> list[dict[str, object]]:
+        return listed(env, monkeypatch, capsys)
+
     weights = "model.safetensors"
     # The connection drops 12 MB into the weights and stays down: one line, and the files that did arrive stay.
     fake.cut_file, fake.cut_at, fake.refuse_ranges = weights, 12_000_000, True
@@ -119,7 +128,7 @@ def test_pull_list_run_rm_through_the_hugging_face_cache(hub: tuple[FakeHub, str
         assert hashlib.sha256((snapshot / file.name).read_bytes()).digest() == \
             hashlib.sha256(file.read_bytes()).digest(), file.name
 
-    [row] = listed(env)
+    [row] = models()
     assert row["name"] == REPO and row["aliases"] == [ALIAS] and row["where"] == "huggingface-cache"
     assert row["bits"] == "fp16" and row["context_length"] == 512 and row["last_used"] is None
     assert row["size"] == sum(f.stat().st_size for f in source.iterdir())
@@ -134,14 +143,14 @@ def test_pull_list_run_rm_through_the_hugging_face_cache(hub: tuple[FakeHub, str
     expected = qwen_mlx.generate(model, tokenizer, [{"role": "user", "content": "Say hi"}], max_tokens=5,
                                  temperature=0).text
     assert ran.stdout.strip() == expected.strip()
-    assert listed(env)[0]["last_used"] is not None
+    assert models()[0]["last_used"] is not None
 
     # rm asks; "n" keeps it.
     kept = qwen_mlx_cli(["rm", ALIAS], env, stdin="n\n")
-    assert kept.returncode == 1 and "Remove " + REPO in kept.stderr and len(listed(env)) == 1
+    assert kept.returncode == 1 and "Remove " + REPO in kept.stderr and len(models()) == 1
     removed = qwen_mlx_cli(["rm", "-y", ALIAS], env)
     assert removed.returncode == 0, removed.stderr
-    assert listed(env) == [] and not snapshot.exists()
+    assert models() == [] and not snapshot.exists()
     for name in ("hf", "home"):
         assert (tmp_path / name / "users-file.txt").read_text() == "keep me"
     assert "no such local model" in one_line_error(qwen_mlx_cli(["rm", "-y", ALIAS], env))
