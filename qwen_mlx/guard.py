@@ -25,6 +25,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 ALL_INTERFACES = frozenset({"0.0.0.0", "::", ""})
 DEFAULT_MAX_BODY_MB = 4.0
+BODY_METHODS = ("POST", "DELETE")  # requests whose JSON body is read (Ollama's DELETE /api/delete has one)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class RequestGuard:
         if refusal is not None:
             await respond(send, *refusal)
             return
-        if scope["method"] == "POST":
+        if scope["method"] in BODY_METHODS:
             body = await read_body(receive, self.settings.max_body_bytes)
             if body is None:
                 await respond(send, 413, f"the request body is over the server's {self.settings.max_body_bytes} "
@@ -82,7 +83,7 @@ class RequestGuard:
         if origin is not None and not self.origin_allowed(origin, host):
             return 403, (f"requests from web pages at {origin} are refused; allow that site with --cors "
                          f"{origin}"), "origin_not_allowed"
-        if method == "POST":
+        if method in BODY_METHODS:
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json":
                 return 415, f"the request body must be application/json, not {kind or 'untyped'}", \

@@ -1,4 +1,4 @@
-"""A model folder or Hugging Face repo id → (model, tokenizer). Safetensors only, checked before use."""
+"""A model folder, name, alias or Hugging Face repo id → (model, tokenizer). Safetensors only, checked before use."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from qwen_mlx.catalog import home_models, models_home, record_use, repo_id_for, runnable_config
 from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import prepare_for_cpu
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.hub import download
 from qwen_mlx.model import Qwen2
+from qwen_mlx.names import unknown_name
 from qwen_mlx.parallel import Parallel, check_shardable, shard_model, start_group, weight_part
 from qwen_mlx.quantize import prepare_quantized
 from qwen_mlx.sample import SamplingParams
@@ -20,53 +23,28 @@ from qwen_mlx.weights import fingerprint, load_weights, read_tensor
 
 DEFAULT_MODEL = "mlx-community/Qwen2.5-7B-Instruct-4bit"
 
-# What a model needs from a repo: configs, weights, the tokenizer. Never *.bin / *.pt (pickles).
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "merges.txt", "vocab.json", "*.txt"]
-
 
 def resolve_model_path(path_or_repo: str | os.PathLike[str]) -> Path:
-    """A local folder as is; otherwise a Hugging Face repo id, from the local cache or downloaded into it."""
+    """A local folder as is; a model folder under $QWEN_MLX_HOME/models by its name; an alias (`qwen2.5:7b`) or a
+    Hugging Face repo id from the local cache, downloaded into it first when it is not there."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
             raise QwenMLXError(f"{path}: expected a model folder (with config.json and *.safetensors), got a file")
         return path
-    repo_id = str(path_or_repo)
-    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
-        raise QwenMLXError(f"{repo_id}: no such folder, and not a Hugging Face repo id like 'Qwen/Qwen2.5-7B-Instruct'")
-    return Path(_snapshot_download(repo_id))
-
-
-def _snapshot_download(repo_id: str) -> str:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        return snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS)
-    except GatedRepoError:
-        raise QwenMLXError(
-            f"{repo_id}: the repo is gated; accept its terms on huggingface.co and run `hf auth login`"
-        ) from None
-    except RepositoryNotFoundError:
-        raise QwenMLXError(
-            f"{repo_id}: no such model on the Hugging Face hub (check the spelling, or log in for a private repo)"
-        ) from None
-    except LocalEntryNotFoundError:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise QwenMLXError(
-            f"{repo_id}: not in the local Hugging Face cache and {why}; download it once with "
-            f"`hf download {repo_id}` while online (or pass a local folder)"
-        ) from None
-    except HFValidationError as e:
-        raise QwenMLXError(f"{repo_id}: not a valid Hugging Face repo id ({e})") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise QwenMLXError(f"{repo_id}: download failed ({e}); check the connection, or pass a local folder") from None
+    name = str(path_or_repo)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        raise QwenMLXError(f"{name}: no such folder, and not a Hugging Face repo id like 'Qwen/Qwen2.5-7B-Instruct'")
+    home = models_home() / name
+    if "/" not in name and runnable_config(home) is not None:
+        record_use(name)
+        return home
+    repo_id = repo_id_for(name)
+    if repo_id is None:
+        raise unknown_name(name, [m.name for m in home_models()])
+    folder = download(repo_id, name)
+    record_use(repo_id)
+    return folder
 
 
 def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False,
@@ -129,7 +107,8 @@ def load_part(model: Qwen2, expected: dict[str, mx.array], origin: dict[str, Pat
 
 def load(path_or_repo: str | os.PathLike[str] = DEFAULT_MODEL, lazy: bool = False,
          parallel: Parallel | str | None = None) -> tuple[Qwen2, Tokenizer]:
-    """Load a Qwen2 / Qwen2.5 model and its tokenizer from a local folder or a Hugging Face repo id.
+    """Load a Qwen2 / Qwen2.5 model and its tokenizer from a local folder, a model under $QWEN_MLX_HOME/models, an
+    alias (`qwen2.5:7b`, see `names.ALIASES`) or a Hugging Face repo id.
 
     With `parallel` ("tensor" or "pipeline", or a `parallel.Parallel`), a process started by `mlx.launch` loads
     only its part of the model, to run it together with the others (see `qwen_mlx.parallel`).

@@ -18,6 +18,7 @@ stops the others (and without it, they notice the lost peer at their next collec
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -193,6 +194,10 @@ class ModelWorker:
         # A session's last finished cache, for `forget`: weak, so an entry the prefix cache drops is freed.
         self._entry_of: weakref.WeakValueDictionary[str, PromptCache] = weakref.WeakValueDictionary()
         self._closing = threading.Event()
+        self._unload_asked = False  # `unload` was called: no more jobs
+        self._unloading = False  # set on this thread by `unload`'s errand: end the loop once nothing runs
+        self.unloaded = threading.Event()  # set once the model and its caches are dropped (the thread parks)
+        self._reload = threading.Event()  # wakes the parked thread for the next model
         self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
         self._thread.start()
 
@@ -203,6 +208,11 @@ class ModelWorker:
     @property
     def busy(self) -> bool:
         return bool(self._running)
+
+    @property
+    def idle(self) -> bool:
+        """No job decoding, prefilling or waiting (a job counts as waiting from `submit` until it has a row)."""
+        return not self._running and self.waiting == 0
 
     @property
     def active(self) -> int:
@@ -246,6 +256,8 @@ class ModelWorker:
     def submit_request(self, session: str | None, request: GenerationRequest, *,
                        notify: Callable[[], None] | None = None) -> Job:
         """Queue a request already checked (`prepare_request`); raises `WorkerBusy` when the queue is full."""
+        if self._unload_asked:
+            raise WorkerBusy("the model was unloaded; send the request again to load it")
         with self._lock:
             if self.max_queue is not None and self.waiting >= self.max_queue:
                 raise WorkerBusy(f"the server is busy: {self.waiting} requests are already waiting; retry shortly")
@@ -272,6 +284,8 @@ class ModelWorker:
         Call it before the interpreter exits: a thread inside MLX then aborts the process. The thread itself stays
         parked rather than ending, since MLX's thread-local cleanup at thread exit also needs the interpreter.
         """
+        if self.unloaded.is_set():
+            return True
         self.cancel_all()
         idle = threading.Event()
         self._inbox.put(lambda: self._idle_waiters.append(idle))
@@ -295,47 +309,108 @@ class ModelWorker:
         """On a rank other than 0: let this worker follow rank 0's plans until rank 0 is done."""
         self.finished.wait()
 
+    def unload(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Cancel every job (each ends within a token), then drop the model, its draft model, the session caches
+        and the decoder on the thread, so that the memory their arrays hold is freed; False if that did not happen
+        within `timeout`. The worker takes no jobs until `reload`.
+
+        The thread is kept, parked, rather than ended: an MLX thread that ends can abort the process at exit (the
+        CPU backend's stream threads), and a parked one is ready for the next model (`reload`).
+        """
+        if self.unloaded.is_set():
+            return True
+        self._unload_asked = True
+        self.cancel_all()
+        self._inbox.put(self._end_loop)
+        return self.unloaded.wait(timeout)
+
+    def reload(self, load: Loader, *, options: dict[str, Any] | None = None,
+               load_draft: Callable[[Tokenizer], DraftModel] | None = None,
+               on_status: Callable[[str], None] | None = None) -> None:
+        """Load another model on this unloaded worker's thread, as a new worker would (see `__init__`)."""
+        if not self.unloaded.is_set():
+            raise RuntimeError("reload() needs an unloaded worker")
+        self._load, self._load_draft = load, load_draft
+        self._on_status = on_status or self._on_status
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        self.load_error = None
+        self.generated_tokens = 0
+        self._token_times.clear()
+        self._unload_asked = self._unloading = False
+        self._closing.clear()
+        self.loaded.clear()
+        self.unloaded.clear()
+        self._reload.set()
+
     # --- on the worker's thread ---
+
+    def _end_loop(self) -> None:
+        self._unloading = True
 
     def _run(self) -> None:
         with mx.stream(mx.new_stream(mx.default_device())):
-            self._on_status("loading the model")
-            try:
-                self.model, self.tokenizer = self._load()
-                if self._load_draft is not None:
-                    self._on_status("loading the draft model")
-                    self.options["draft_model"] = self._load_draft(self.tokenizer)
-                self._on_status("ready")
-            except Exception as e:  # any failure is reported to every request, the thread lives on
-                self.load_error = e if isinstance(e, QwenMLXError) else QwenMLXError(f"the model failed to load: {e}")
-                log.error("the model failed to load", exc_info=not isinstance(e, QwenMLXError))
-                self._on_status(f"failed: {self.load_error}")
-                if self.lockstep is not None:
-                    self._abort(self.load_error)
-            decoder = Decoder(self.model, self.tokenizer, timed=self.lockstep is None) if self.model else None
-            self._decoder = decoder
-            if self.model is not None:
-                self.prefixes = self._prefix_cache()
-            self.loaded.set()
-            while not self.finished.is_set():
-                try:
-                    if self.lockstep is not None:
-                        self._lockstep_turn(decoder)
-                    else:
-                        self._take_inbox(block=not self._running and not self._queued)
-                        self._admit(decoder)
-                    if self._running:
-                        self._step(decoder)
-                    else:
-                        for idle in self._idle_waiters:
-                            idle.set()
-                        self._idle_waiters.clear()
-                except Exception as e:  # a bug here must not end the thread: fail what is running, go on
-                    if self.lockstep is not None:  # ... unless the ranks may no longer be in step
-                        self._abort(e)
-                    log.exception("the model thread hit an error; failing the running jobs")
-                    self._fail_all(decoder, QwenMLXError("internal error while generating; see the server log"))
+            while True:
+                self._serve_model()
+                if self.finished.is_set():
+                    break  # lockstep: rank 0 is done
+                self._drop_model()
+                self._reload.wait()  # parked until `reload`
+                self._reload.clear()
             threading.Event().wait()  # parked: see `close`
+
+    def _serve_model(self) -> None:
+        """Load the model, then take and decode jobs until `unload` asks to stop and nothing is left running (or,
+        under lockstep, until rank 0 is done)."""
+        self._on_status("loading the model")
+        try:
+            self.model, self.tokenizer = self._load()
+            if self._load_draft is not None:
+                self._on_status("loading the draft model")
+                self.options["draft_model"] = self._load_draft(self.tokenizer)
+            self._on_status("ready")
+        except Exception as e:  # any failure is reported to every request, the thread lives on
+            self.load_error = e if isinstance(e, QwenMLXError) else QwenMLXError(f"the model failed to load: {e}")
+            log.error("the model failed to load", exc_info=not isinstance(e, QwenMLXError))
+            self._on_status(f"failed: {self.load_error}")
+            if self.lockstep is not None:
+                self._abort(self.load_error)
+        decoder = Decoder(self.model, self.tokenizer, timed=self.lockstep is None) if self.model else None
+        self._decoder = decoder
+        if self.model is not None:
+            self.prefixes = self._prefix_cache()
+        self.loaded.set()
+        while not (self._unloading and not self._running and not self._queued) and not self.finished.is_set():
+            try:
+                if self.lockstep is not None:
+                    self._lockstep_turn(decoder)
+                else:
+                    self._take_inbox(block=not self._running and not self._queued)
+                    self._admit(decoder)
+                if self._running:
+                    self._step(decoder)
+                else:
+                    for idle in self._idle_waiters:
+                        idle.set()
+                    self._idle_waiters.clear()
+            except Exception as e:  # a bug here must not end the thread: fail what is running, go on
+                if self.lockstep is not None:  # ... unless the ranks may no longer be in step
+                    self._abort(e)
+                log.exception("the model thread hit an error; failing the running jobs")
+                self._fail_all(decoder, QwenMLXError("internal error while generating; see the server log"))
+
+    def _drop_model(self) -> None:
+        """`unload`'s end: nothing may keep a reference to the model's or the caches' arrays, or their memory stays.
+        The prefix cache's entries go to its disk tier first, so the model's next load resumes them."""
+        mx.synchronize()
+        if self.prefixes is not None and self.prefixes.disk is not None:
+            self.prefixes.flush()
+            self.replies.save()
+        self.model = self.tokenizer = self._decoder = self.prefixes = None
+        self.options.pop("draft_model", None)
+        self._entry_of.clear()
+        gc.collect()  # modules and caches may sit in reference cycles
+        mx.clear_cache()
+        self.unloaded.set()
 
     def _abort(self, error: BaseException) -> None:
         """End this rank's process with one line: the ranks can no longer take the same steps."""
@@ -361,6 +436,8 @@ class ModelWorker:
                 self._by_uid[uid].cancel.set()
         for start in plan.start:
             self._start(decoder, self._job_for(start), uid=start.uid)
+            if self.lockstep.leads:
+                self._left_queue()
         if plan.exit:
             self.finished.set()
 
@@ -426,6 +503,11 @@ class ModelWorker:
     def _admit(self, decoder: Decoder | None) -> None:
         for job in self._admissions():
             self._start(decoder, job)
+            self._left_queue()
+
+    def _left_queue(self) -> None:
+        with self._lock:  # only once it has a row: `idle` must not read true between the queue and the row
+            self.waiting -= 1
 
     def _admissions(self) -> list[Job]:
         """The queued jobs to start while rows are free (those cancelled meanwhile end here); a job whose
@@ -437,12 +519,12 @@ class ModelWorker:
             if job.session is not None and job.session in self._busy_sessions:
                 deferred.append(job)
                 continue
-            with self._lock:
-                self.waiting -= 1
             if self.load_error is not None:
                 self._end(job, self.load_error)
+                self._left_queue()
             elif job.cancelled.is_set() or self._closing.is_set():  # cancelled while waiting in the queue
                 self._end(job, GenerationChunk("", None, "cancelled"))
+                self._left_queue()
             else:
                 starting.append(job)
                 if job.session is not None:

@@ -62,3 +62,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir:
         return folder
 
     return make
+
+
+DEMO_KEY = "demo-key-123"
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`qwen-mlx serve --demo --api-key DEMO_KEY` on a free 127.0.0.1 port, with an empty model home and cache of
+    its own; its URL. Shared by the Ollama and Anthropic client tests."""
+    from servers import free_port, start_server, stop_server
+
+    root = tmp_path_factory.mktemp("demo-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"QWEN_MLX_HOME": str(root / "home"), "HF_HOME": str(root / "hf")}
+    process = start_server(["serve", "--demo", "--port", str(port), "--api-key", DEMO_KEY], f"{url}/health",
+                           root / "serve.log", env=env)
+    yield url
+    stop_server(process)

@@ -53,7 +53,11 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
 def stop_launched(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     """Stop a command started under mlx.launch as Ctrl-C in its terminal does: SIGINT to all of its processes;
     return once every one of them has exited (killed after `timeout` seconds)."""
-    os.killpg(process.pid, signal.SIGINT)
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+    except ProcessLookupError:  # it has stopped by itself
+        process.wait()
+        return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         process.poll()

@@ -155,18 +155,18 @@ def test_server_split_over_two_processes_batches_constrains_and_ends_with_a_lost
         else:
             assert constrained["choices"][0]["message"]["content"].startswith('{"n": ')
 
-        # A follower killed outright: rank 0 notices at its next step (or heartbeat) and says so in one line.
+        # A follower killed outright: everything stops by itself, with one line that names what happened. Either
+        # rank 0 notices at its next step (or heartbeat) and says so, or mlx.launch sees the exit first, says so
+        # and stops rank 0 (SIGTERM: a clean shutdown).
         followers = [p for p in child_pids(server.pid) if rank_of(p) == "1"]
         os.kill(followers[0], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(rank_of(p) == "0" for p in child_pids(server.pid)):
-            time.sleep(0.2)
-        assert not any(rank_of(p) == "0" for p in child_pids(server.pid))
+        server.wait(timeout=30)
     finally:
         stop_launched(server)
     log = (tmp_path / "serve.log").read_text()
-    assert "qwen-mlx: error: [rank 0] another process of the group stopped" in log
-    assert "Traceback" not in log
+    assert ("qwen-mlx: error: [rank 0] another process of the group stopped" in log
+            or "Node with rank 1 exited with code -9" in log), log
+    assert "Traceback" not in log, log
 
 
 def test_ctrl_c_stops_every_rank_of_a_split_server(models: dict[str, Path], tmp_path: Path) -> None:
@@ -177,9 +177,26 @@ def test_ctrl_c_stops_every_rank_of_a_split_server(models: dict[str, Path], tmp_
     ranks = child_pids(server.pid)
     assert chat(port, "hi", "float32", temperature=0)["choices"][0]["finish_reason"] in ("stop", "length")
     stop_launched(server)
-    assert not [p for p in ranks if Path(f"/proc/{p}").exists()]
     log = (tmp_path / "serve.log").read_text()
+    assert not running(ranks, within=30), log
     assert "error" not in log.lower(), log
+
+
+def running(pids: list[int], within: float) -> list[int]:
+    """Those of `pids` still running (zombies aside) after up to `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                # The state follows the command name in parentheses; Z: exited, not yet reaped.
+                if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                    alive.append(pid)
+            except OSError:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def child_pids(launcher: int) -> list[int]:

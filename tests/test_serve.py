@@ -78,8 +78,10 @@ def model_dir(tiny_model_dir: Callable[..., Path]) -> Path:
 def serve(model: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[Any, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # No other local model: /v1/models lists exactly the one served.
+    empty = {"QWEN_MLX_HOME": str(log_dir / "home"), "HF_HOME": str(log_dir / "hf")}
     process = start_server(["serve", "--model", str(model), "--port", str(port), *extra], f"{url}/health",
-                           log_dir / f"serve-{port}.log", env=env)
+                           log_dir / f"serve-{port}.log", env={**empty, **(env or {})})
     return process, url
 
 

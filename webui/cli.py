@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.commands.flags import add_server_arguments, check_server_arguments, start_worker
+from qwen_mlx.commands.flags import add_server_arguments, check_server_arguments, follow, parallel_group, start_worker
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
 
@@ -47,10 +47,13 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def run(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry
     auth = parse_auth(args.auth)
+    parallel = parallel_group(args)
+    if parallel is not None and not parallel.leads:
+        return follow(args, parallel)
     cache = check_server_arguments(args, "--auth", guarded=auth is not None)
     home = data_home()
     model_name = "demo model (random weights)" if args.demo else args.model
-    worker = start_worker(args, cache, model_name)
+    worker = start_worker(args, cache, model_name, parallel)
     worker.wait_loaded()
 
     from qwen_mlx.webui.app import CSS, HEAD, build_app

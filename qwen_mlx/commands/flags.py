@@ -14,12 +14,15 @@ from typing import Any
 import mlx.nn as nn
 
 from qwen_mlx.cache import CacheSettings
+from qwen_mlx.catalog import record_use, repo_id_for
 from qwen_mlx.demo import demo_model_folder
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
-from qwen_mlx.load import DEFAULT_MODEL, load
+from qwen_mlx.load import DEFAULT_MODEL, load, resolve_model_path
 from qwen_mlx.lockstep import Lockstep
+from qwen_mlx.names import aliases_of
 from qwen_mlx.parallel import MODES, Parallel, start_group
+from qwen_mlx.registry import LocalModels, ModelRegistry, ModelSource, keep_alive_seconds
 from qwen_mlx.request import DEFAULT_DRAFT_TOKENS, speculation_settings
 from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
@@ -33,7 +36,8 @@ def add_model_argument(parser: Any, demo: bool = False) -> None:
     """--model (a folder or repo id); with `demo`, also --demo, the offline random model, as its alternative."""
     group = parser.add_mutually_exclusive_group() if demo else parser
     group.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                       help=f"local model folder or Hugging Face repo id (default: {DEFAULT_MODEL})")
+                       help=f"model folder, local model name, alias (qwen2.5:7b; see `qwen-mlx list`) or Hugging Face "
+                            f"repo id (default: {DEFAULT_MODEL})")
     if demo:
         group.add_argument("--demo", action="store_true",
                            help="no download: a tiny random-weight Qwen2 with the real tokenizer (replies are "
@@ -197,6 +201,84 @@ def check_port(host: str, port: int) -> None:
             raise QwenMLXError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
 
 
+def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
+    """How many models a server keeps loaded, and for how long (see `registry.ModelRegistry`)."""
+    parser.add_argument("--max-models", type=int, default=1,
+                        help="most models loaded at once; a request for another unloads the least recently used idle "
+                             "one (default 1)")
+    parser.add_argument("--keep-alive", default="5m",
+                        help="unload a model idle this long: 5m, 1h, 30s, 300 (seconds), 0 (after each request) or "
+                             "-1 (never) (default 5m)")
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    """The model a server starts with (--model, --demo), resolved (downloaded first if need be) before it serves;
+    requests may call it by its served name, by what --model said, or by an alias of its repo."""
+    if args.demo:
+        return ModelSource("qwen2-demo", demo_model_folder(data_home() / "models"), ("demo",), pinned=True)
+    folder = resolve_model_path(args.model)
+    name = served_model_name(args)
+    repo_id = repo_id_for(args.model) if not Path(args.model).expanduser().exists() else None
+    aliases = {args.model, *([repo_id, *aliases_of(repo_id)] if repo_id else [])} - {name}
+    return ModelSource(name, folder, tuple(sorted(aliases)), pinned=True)
+
+
+def start_registry(args: argparse.Namespace, cache: CacheSettings,
+                   parallel: Parallel | None = None) -> tuple[ModelRegistry, ModelSource]:
+    """The registry a server runs its models in, with --model (or --demo) loading; its progress on stderr. Only
+    that model gets --draft-model (a draft must share its model's tokenizer).
+
+    With `parallel` it serves that one model only, loaded for the server's life: every rank holds its part.
+    """
+    if args.max_models < 1:
+        raise QwenMLXError(f"--max-models {args.max_models} must be at least 1")
+    if parallel is not None and args.max_models != 1:
+        raise QwenMLXError("--max-models: a model split over processes (--parallel) is the only one served; drop "
+                           "--max-models")
+    keep_alive = keep_alive_seconds(args.keep_alive, "--keep-alive")
+    pinned = model_source(args)
+
+    def start(source: ModelSource, spare: ModelWorker | None) -> ModelWorker:
+        if parallel is not None:
+            return start_worker(args, cache, source.name, parallel, folder=source.folder)
+
+        def load_source() -> tuple[nn.Module, Tokenizer]:
+            model, tokenizer = load(source.folder)
+            if not source.pinned:
+                record_use(source.name)
+            return slowed_for_tests(model), tokenizer
+
+        def draft_for(tokenizer: Tokenizer) -> DraftModel:
+            return load_draft(args.draft_model, tokenizer)
+
+        options = speculation_options(args, None)
+        draft = draft_for if source.pinned and args.draft_model else None
+
+        def status(message: str) -> None:
+            print(f"qwen-mlx: {source.name}: {message}", file=sys.stderr, flush=True)
+
+        if spare is not None:
+            spare.reload(load_source, options=options, load_draft=draft, on_status=status)
+            return spare
+        return ModelWorker(load_source, cache=cache, max_batch=args.max_batch, max_queue=args.max_queue,
+                           options=options, load_draft=draft, on_status=status, tiers=cache_tiers(args))
+
+    registry = ModelRegistry(LocalModels([pinned], only_pinned=parallel is not None), start,
+                             max_models=args.max_models, keep_alive=None if parallel else keep_alive,
+                             resident=parallel is not None)
+    return registry, pinned
+
+
+def cache_tiers(args: argparse.Namespace, parallel: Parallel | None = None) -> CacheTiers:
+    """The prefix cache's memory (--cache-ram-gb) and disk (--cache-disk-gb, none when split over processes)."""
+    ram_gb = getattr(args, "cache_ram_gb", None)
+    ram = default_ram_bytes() if ram_gb is None else int(ram_gb * 1e9)
+    if parallel is not None:
+        return CacheTiers(ram)
+    disk_gb = getattr(args, "cache_disk_gb", None)
+    return CacheTiers(ram, data_home() / "kv-cache", int((DEFAULT_CACHE_DISK_GB if disk_gb is None else disk_gb) * 1e9))
+
+
 def served_model_name(args: argparse.Namespace) -> str:
     """How a server names its model: "qwen2-demo", a local folder's name, or the repo id."""
     if args.demo:
@@ -205,7 +287,7 @@ def served_model_name(args: argparse.Namespace) -> str:
 
 
 def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str, parallel: Parallel | None = None,
-                 max_batch: int | None = None) -> ModelWorker:
+                 max_batch: int | None = None, folder: Path | None = None) -> ModelWorker:
     """The model worker a command runs on: --model (or --demo) loaded on its thread (this rank's part of it with
     `parallel`), its progress on stderr (rank 0's).
 
@@ -214,21 +296,16 @@ def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str, par
     """
 
     def load_model() -> tuple[nn.Module, Tokenizer]:
-        folder = demo_model_folder(data_home() / "models") if getattr(args, "demo", False) else args.model
-        model, tokenizer = load(folder, parallel=parallel)
+        source = folder or (demo_model_folder(data_home() / "models") if getattr(args, "demo", False) else args.model)
+        model, tokenizer = load(source, parallel=parallel)
         return slowed_for_tests(model), tokenizer
 
     def draft_for(tokenizer: Tokenizer) -> DraftModel:
         return load_draft(args.draft_model, tokenizer)
 
-    ram_gb = getattr(args, "cache_ram_gb", None)
-    ram = default_ram_bytes() if ram_gb is None else int(ram_gb * 1e9)
-    disk_gb = getattr(args, "cache_disk_gb", None)
-    disk_gb = DEFAULT_CACHE_DISK_GB if disk_gb is None else disk_gb
-    tiers = CacheTiers(ram) if parallel else CacheTiers(ram, data_home() / "kv-cache", int(disk_gb * 1e9))
     speaks = parallel is None or parallel.leads
     return ModelWorker(load_model, cache=cache, max_batch=max_batch or getattr(args, "max_batch", 1),
-                       max_queue=getattr(args, "max_queue", None), tiers=tiers,
+                       max_queue=getattr(args, "max_queue", None), tiers=cache_tiers(args, parallel),
                        options=speculation_options(args, None), load_draft=draft_for if args.draft_model else None,
                        on_status=(lambda status: print(f"qwen-mlx: {label}: {status}", file=sys.stderr, flush=True))
                        if speaks else None, lockstep=Lockstep(parallel.group) if parallel else None)
