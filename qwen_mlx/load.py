@@ -68,10 +68,14 @@ def _snapshot_download(repo_id: str) -> str:
         raise QwenMLXError(f"{repo_id}: download failed ({e}); check the connection, or pass a local folder") from None
 
 
-def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tuple[Qwen2, Path]:
-    """The Qwen2 model of a folder or repo id, with its weights checked against config.json."""
+def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False,
+               context_length: int | None = None) -> tuple[Qwen2, Path]:
+    """The Qwen2 model of a folder or repo id, with its weights checked against config.json; `context_length`
+    as for `load`."""
     folder = resolve_model_path(path_or_repo)
     config = ModelConfig.from_file(folder / "config.json")
+    if context_length is not None:
+        config = config.with_context(context_length)
     weights, origin = load_weights(folder)
     weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     if config.tie_word_embeddings:
@@ -101,12 +105,17 @@ def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False) -> tupl
     return model, folder
 
 
-def load(path_or_repo: str | os.PathLike[str] = DEFAULT_MODEL, lazy: bool = False) -> tuple[Qwen2, Tokenizer]:
+def load(path_or_repo: str | os.PathLike[str] = DEFAULT_MODEL, lazy: bool = False,
+         context_length: int | None = None) -> tuple[Qwen2, Tokenizer]:
     """Load a Qwen2 / Qwen2.5 model and its tokenizer from a local folder or a Hugging Face repo id.
 
-    >>> model, tokenizer = load("mlx-community/Qwen2.5-7B-Instruct-4bit")
+    `context_length=N` sets the context: up to config.json's own length, a limit; past it (e.g. 131072 for a
+    Qwen2.5 of 32768), YaRN on demand: plain RoPE while a conversation fits the original length, then one
+    re-encode of the context with YaRN (factor N / original), after which it runs as a static-YaRN model.
+
+    >>> model, tokenizer = load("mlx-community/Qwen2.5-7B-Instruct-4bit", context_length=131072)
     """
-    model, folder = load_model(path_or_repo, lazy=lazy)
+    model, folder = load_model(path_or_repo, lazy=lazy, context_length=context_length)
     if model.config.quantization and mx.default_device().type == mx.DeviceType.cpu:
         prepare_for_cpu(model)
     return model, Tokenizer.from_folder(folder)
