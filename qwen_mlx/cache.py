@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -504,8 +505,10 @@ class PromptCache:
         return [a for c in self.caches for a in c.state()[0].values()]
 
     def prefill(self, model: nn.Module, tokens: list[int], step_size: int = 512,
-                cancel: threading.Event | None = None) -> bool:
-        """Run `tokens` through `model` into these caches, `step_size` at a time so activations stay bounded.
+                cancel: threading.Event | None = None,
+                on_progress: Callable[[int, int], None] | None = None) -> bool:
+        """Run `tokens` through `model` into these caches, `step_size` at a time so activations stay bounded;
+        `on_progress(done, total)` hears of each chunk.
 
         Returns False if `cancel` was set between two chunks (a long prompt can take minutes on a CPU); the caches
         then hold the chunks done so far, and `tokens` says which.
@@ -514,6 +517,8 @@ class PromptCache:
             if cancel is not None and cancel.is_set():
                 return False
             mx.eval(self.run_chunk(model, tokens[start : start + step_size]))
+            if on_progress is not None:
+                on_progress(min(start + step_size, len(tokens)), len(tokens))
         return True
 
     def reuse(self, prompt: list[int]) -> list[int]:

@@ -7,12 +7,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from qwen_mlx.commands import bench, cache_prompt, chat, generate, serve
+from qwen_mlx.commands import bench, cache_prompt, chat, generate, info, serve
 from qwen_mlx.converter import cli as convert
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.webui import cli as webui
 
-COMMANDS = (generate, chat, cache_prompt, convert, webui, serve, bench)
+COMMANDS = (generate, chat, cache_prompt, convert, webui, serve, bench, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,12 @@ class ModelConfig:
         """With YaRN on demand, the most positions a sequence holds under plain RoPE; None: one RoPE throughout."""
         return self.max_position_embeddings if self.dynamic_rope_scaling is not None else None
 
+    @staticmethod
+    def check_context(length: object) -> None:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise QwenMLXError(f"context_length (--context) {length!r} must be an integer of at least 2 "
+                               f"(e.g. 131072)", "context_length")
+
     def with_context(self, length: int) -> ModelConfig:
         """This config for a context of `length` positions (`load(..., context_length=N)`, `--context N`).
 
@@ -65,9 +71,7 @@ class ModelConfig:
         plain RoPE while a sequence fits max_position_embeddings, YaRN once it grows past (`PromptCache.fit_rope`).
         A config that has rope_scaling keeps it, static, as transformers runs it, and cannot go past its length.
         """
-        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-            raise QwenMLXError(f"context_length {length!r} must be an integer of at least 2 (e.g. 131072)",
-                               "context_length")
+        self.check_context(length)
         native = self.native_context_length
         if length <= native:
             return replace(self, context=length)

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import prepare_for_cpu
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.memory import check_model_fits, plan_for_folder
 from qwen_mlx.model import Qwen2
 from qwen_mlx.quantize import prepare_quantized
 from qwen_mlx.sample import SamplingParams
@@ -76,6 +77,7 @@ def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False,
     config = ModelConfig.from_file(folder / "config.json")
     if context_length is not None:
         config = config.with_context(context_length)
+    check_model_fits(plan_for_folder(folder, config), folder)
     weights, origin = load_weights(folder)
     weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     if config.tie_word_embeddings:

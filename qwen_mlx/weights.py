@@ -21,6 +21,12 @@ def check_safetensors(path: Path) -> list[str]:
 
     A truncated download or a corrupt file is named here, not deep inside MLX at the first matmul.
     """
+    return list(safetensors_header(path))
+
+
+def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Each tensor's {"dtype", "shape", "data_offsets"} from a safetensors file's header, once the header and the
+    file's size are checked to be whole; no tensor data is read."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -41,7 +47,7 @@ def check_safetensors(path: Path) -> list[str]:
         raise QwenMLXError(
             f"{path}: truncated ({size} bytes, its header needs {8 + header_len + end}); re-download it"
         )
-    return list(header)
+    return header
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -12,10 +12,12 @@ from typing import Any
 import mlx.nn as nn
 
 from qwen_mlx.cache import CacheSettings
+from qwen_mlx.config import ModelConfig
 from qwen_mlx.demo import demo_model_folder
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
-from qwen_mlx.load import DEFAULT_MODEL, load
+from qwen_mlx.load import DEFAULT_MODEL, load, resolve_model_path
+from qwen_mlx.memory import check_context_fits, plan_for_folder
 from qwen_mlx.request import DEFAULT_DRAFT_TOKENS, speculation_settings
 from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
@@ -33,6 +35,26 @@ def add_model_argument(parser: Any, demo: bool = False) -> None:
         group.add_argument("--demo", action="store_true",
                            help="no download: a tiny random-weight Qwen2 with the real tokenizer (replies are "
                                 "gibberish)")
+    add_context_argument(parser)
+
+
+def add_context_argument(parser: Any) -> None:
+    parser.add_argument("--context", type=int, metavar="N",
+                        help="context length: up to the model's own, a limit; past it (e.g. 131072 for Qwen2.5), "
+                             "YaRN on demand: plain RoPE until a conversation outgrows the original length, then "
+                             "one re-encode of the context with YaRN")
+
+
+def load_for_context(name: str | Path, args: argparse.Namespace) -> tuple[nn.Module, Tokenizer]:
+    """`load` with --context, after checking that --context positions fit here with the cache flags (before any
+    weight is read; `load` itself refuses weights that cannot fit at all)."""
+    context = getattr(args, "context", None)
+    folder = resolve_model_path(name)
+    if context is not None:
+        config = ModelConfig.from_file(folder / "config.json").with_context(context)
+        check_context_fits(plan_for_folder(folder, config), context, cache_settings(args),
+                           what=f"--context {context}:")
+    return load(folder, context_length=context)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +122,8 @@ def add_cache_arguments(parser: Any) -> None:
 
 def cache_settings(args: argparse.Namespace) -> CacheSettings:
     """The cache flags as settings, checked before a model load that may take minutes."""
+    if getattr(args, "context", None) is not None:
+        ModelConfig.check_context(args.context)
     return CacheSettings(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits)
 
 
@@ -163,11 +187,12 @@ def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str) -> 
     """
 
     def load_model() -> tuple[nn.Module, Tokenizer]:
-        model, tokenizer = load(demo_model_folder(data_home() / "models") if args.demo else args.model)
+        model, tokenizer = load_for_context(demo_model_folder(data_home() / "models") if args.demo else args.model,
+                                            args)
         return slowed_for_tests(model), tokenizer
 
     def draft_for(tokenizer: Tokenizer) -> DraftModel:
-        return load_draft(args.draft_model, tokenizer)
+        return load_draft(args.draft_model, tokenizer, context_length=args.context)
 
     return ModelWorker(load_model, cache=cache, max_batch=args.max_batch, max_queue=args.max_queue,
                        options=speculation_options(args, None), load_draft=draft_for if args.draft_model else None,
