@@ -40,9 +40,10 @@ HEADER_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I3
 UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1 << 10, "mib": 1 << 20,
          "gib": 1 << 30, "tib": 1 << 40}
 # One layer's live intermediates over a chunk, in units of (chunk x hidden) activations: the residual stream,
-# the norm's output, the queries and the attention output (fitted to mx.get_peak_memory() on the CPU).
-HIDDEN_COPIES = 4
-MLP_COPIES = 3  # gate, up and silu(gate) * up, each (chunk x intermediate)
+# the norm's output, q, k, v and the attention output; half of them when attention and MLP run a few tokens at a
+# time (`cpu.in_order`). Fitted to mx.get_peak_memory() on MLX's CPU backend.
+HIDDEN_COPIES = 8
+MLP_COPIES = 5  # gate, up, silu(gate), their product and the projection's input, each (tokens x intermediate)
 SCORE_COPIES = 1  # the scores and their softmax, where attention materializes them
 
 
@@ -95,11 +96,13 @@ class MemoryPlan:
         keys = positions if cache.max_kv_size is None else min(positions, cache.max_kv_size - 1 + length)
         # On the CPU a quantized model runs attention and MLP PREFILL_CHUNK tokens at a time (`cpu.in_order`).
         piece = min(length, PREFILL_CHUNK) if self.cpu and self.quantization_bits else length
-        hidden = HIDDEN_COPIES * length * c.hidden_size * a
+        hidden = HIDDEN_COPIES // (2 if piece < length else 1) * length * c.hidden_size * a
         mlp = MLP_COPIES * piece * c.intermediate_size * a
         rotated = cache.max_kv_size is not None and positions > cache.max_kv_size
         # A mask spelled out as an array (quantized attention, a window past its size): it and a comparison.
         mask = 2 * length * keys if cache.kv_bits is not None or rotated else 0
+        if self.cpu and not mask:  # the CPU attention spells the causal mask out too, per piece of queries
+            mask = piece * keys
         if cache.kv_bits is not None:  # quantized attention: matmuls on the packed keys, every query at once
             scores = SCORE_COPIES * c.num_attention_heads * length * keys * a
         elif self.cpu:
@@ -268,10 +271,10 @@ def plan_for_model(model: nn.Module) -> MemoryPlan | None:
     parameters = 0
     for name, p in params.items():
         layer = name.rpartition(".")[0]
-        if layer not in quantized:
-            parameters += p.size
-        elif name.endswith(".weight"):
+        if layer in quantized and name.endswith(".weight"):
             parameters += p.size * 32 // layer_bits(model.config, layer)
+        elif not (layer in quantized and name.endswith((".scales", ".biases"))):
+            parameters += p.size
     embedding = model.model.embed_tokens
     stored = embedding.scales.dtype if "scales" in embedding else embedding.weight.dtype
     kv = model.layers[0].self_attn.kv_dtype or model.model.compute_dtype or stored
