@@ -208,3 +208,46 @@ def test_a_saved_prompt_cache_keeps_its_rope(on_demand, tmp_path: Path) -> None:
     save_prompt_cache(tmp_path / "c.safetensors", prompt_cache)
     loaded, _ = load_prompt_cache(tmp_path / "c.safetensors")
     assert loaded.rope_scaled and all(c.rope_scaled for c in loaded.caches)
+
+
+def test_chat_file_puts_a_document_into_the_conversation_with_a_progress_bar(
+        folders, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from qwen_mlx.cli import main
+
+    document = tmp_path / "report.txt"
+    document.write_text("the quarterly figures rose. " * 45)  # 1,260 bytes: past PrefillProgress.MIN_TOKENS
+    lines = iter(["summarise it"])
+
+    def typed(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", typed)
+    args = ["chat", "--model", str(folders["plain"]), "--context", "2048", "--file", str(document), "-v",
+            "--temp", "0", "--max-tokens", "3"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    prompt_tokens = int(err.split("prompt: ")[1].split()[0])
+    assert prompt_tokens > 1100  # the document (1,260 bytes, a few merges in this tokenizer) went with it
+    assert "prefill (YaRN)" in err  # past the original 64 positions: encoded with YaRN from the start
+    assert main([*args[:5], "--file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt: no such file" in capsys.readouterr().err
+
+
+def test_ctrl_c_cancels_the_reply_and_a_second_one_interrupts() -> None:
+    import os
+    import signal
+
+    from qwen_mlx.commands.terminal import interrupt_cancels
+
+    with interrupt_cancels() as cancel:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert cancel.wait(5)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
+            for _ in range(100):
+                threading.Event().wait(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
