@@ -6,9 +6,12 @@ estimate (`qwen_mlx.memory`).
     python benchmarks/bench_long_context.py --shape qwen2.5-0.5b --contexts 1024,4096   # a real shape
 
 The default shape is narrow so that a 16K prefill runs here (MLX's CPU build) in minutes: 4 layers, hidden 256,
-4 query heads over 2 KV heads of 64, intermediate 1024, Qwen2.5's vocabulary of 151,936, weights at 4 bits. Each
-measurement runs in its own process (a clean `mx.get_peak_memory()`, nothing shared between the two sides).
-Greedy decoding, end-of-sequence ignored; prefill tokens/s is the prompt over the time to the first token.
+4 query heads over 2 KV heads of 64, intermediate 1024, Qwen2.5's vocabulary of 151,936, weights at 4 bits with
+float32 scales on the CPU (there mlx-lm computes in the scales' dtype, and its half-precision quantized matmuls are
+8-40x slower: float32 keeps the comparison about the long context), bfloat16 on a Mac. Peak memory of each cache
+kind is measured at --memory-context (4096). Each measurement runs in its own process (a clean
+`mx.get_peak_memory()`, nothing shared between the two sides). Greedy decoding; prefill tokens/s is the prompt
+over the time to the first token.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ NARROW = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_
           "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
           "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
           "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
-CACHES = {"bfloat16": {}, "kv8": {"kv_bits": 8}, "kv4": {"kv_bits": 4}, "rotating-4096": {"max_kv_size": 4096}}
+CACHES = {"default": {}, "kv8": {"kv_bits": 8}, "kv4": {"kv_bits": 4}, "rotating-1024": {"max_kv_size": 1024}}
 DECODE_TOKENS = 32
 
 
@@ -74,17 +77,19 @@ def measure(side: str, folder: Path, context: int, cache: str) -> dict[str, Any]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def build(folder: Path, shape: str) -> Path:
+def build(folder: Path, shape: str, dtype: str) -> Path:
     from qwen_mlx.random_model import random_shape, write_random_quantized_model
 
     config = NARROW if shape == "narrow" else random_shape(shape)
-    return write_random_quantized_model(folder, config, 4, 64, "bfloat16")
+    return write_random_quantized_model(folder, config, 4, 64, dtype)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="narrow", help="narrow (default), or a qwen_mlx.random_model shape")
     parser.add_argument("--contexts", default="1024,4096,16384")
+    parser.add_argument("--memory-context", type=int, default=4096, help="context of the peak-memory table")
+    parser.add_argument("--dtype", help="scales' dtype (default: float32 on the CPU, bfloat16 on Metal)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -96,18 +101,19 @@ def main() -> None:
 
     started = time.perf_counter()
     contexts = [int(c) for c in args.contexts.split(",")]
+    dtype = args.dtype or ("float32" if mx.default_device().type == mx.DeviceType.cpu else "bfloat16")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build(Path(tmp) / "model", args.shape)
-        print(f"shape {args.shape} at 4 bits; mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
+        folder = build(Path(tmp) / "model", args.shape, dtype)
+        print(f"shape {args.shape} at 4 bits ({dtype} scales); mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
               f"{mx.default_device()}")
         print("| context | qwen-mlx prefill tok/s | mlx-lm prefill tok/s | qwen-mlx decode tok/s | "
               "mlx-lm decode tok/s |\n|---|---|---|---|---|")
         for context in contexts:
-            a, b = measure("qwen-mlx", folder, context, "bfloat16"), measure("mlx-lm", folder, context, "bfloat16")
+            a, b = measure("qwen-mlx", folder, context, "default"), measure("mlx-lm", folder, context, "default")
             print(f"| {context} | {a['prefill_tps']:.0f} | {b['prefill_tps']:.0f} | {a['decode_tps']:.1f} | "
                   f"{b['decode_tps']:.1f} |", flush=True)
         print("\n| context | cache | qwen-mlx peak MB | plan's estimate MB | mlx-lm peak MB |\n|---|---|---|---|---|")
-        for context in contexts:
+        for context in [args.memory_context]:
             for cache in CACHES:
                 a, b = measure("qwen-mlx", folder, context, cache), measure("mlx-lm", folder, context, cache)
                 print(f"| {context} | {cache} | {a['peak'] / 1e6:.0f} | {a['estimate'] / 1e6:.0f} "
