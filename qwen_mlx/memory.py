@@ -106,11 +106,13 @@ class MemoryPlan:
         if cache.kv_bits is not None:  # quantized attention: matmuls on the packed keys, every query at once
             scores = SCORE_COPIES * c.num_attention_heads * length * keys * a
         elif self.cpu:
-            # MLX's CPU attention materializes (heads, queries, keys), for the whole chunk at its peak (measured:
-            # running the queries PREFILL_CHUNK at a time, `cpu.in_order`, does not lower the peak), and promotes a
-            # layer's keys and values to the compute dtype when they are cached in another.
-            scores = SCORE_COPIES * c.num_attention_heads * length * keys * a
+            # MLX's CPU attention materializes (heads, queries, keys): a piece of queries at a time when they run
+            # in order (`cpu.in_order`). With keys and values cached in another dtype than the compute dtype
+            # (half-precision scales), the peak is measured as a whole chunk's scores plus one layer's promoted
+            # keys and values: the per-piece promotions are not ordered, and run ahead.
+            scores = SCORE_COPIES * c.num_attention_heads * piece * keys * a
             if self.dtype != self.compute_dtype:
+                scores = SCORE_COPIES * c.num_attention_heads * length * keys * a
                 scores += 2 * c.num_key_value_heads * c.head_dim * keys * a
         else:  # Metal's fused attention keeps its scores on chip
             scores = 0
