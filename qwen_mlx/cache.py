@@ -546,6 +546,11 @@ class PromptCache:
 def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, metadata: dict[str, str] | None = None) -> None:
     """Write the caches and their token ids to one safetensors file, atomically (temp file, then rename)."""
     path = Path(path)
+    if path.is_dir():
+        raise QwenMLXError(f"{path}: is a folder; give the prompt cache a file name, e.g. "
+                           f"{path / 'prompt.safetensors'}")
+    if not path.parent.is_dir():
+        raise QwenMLXError(f"{path.parent}: no such folder; create it first or write the cache elsewhere")
     arrays: dict[str, mx.array] = {}
     layers = []
     for i, cache in enumerate(prompt_cache.caches):
@@ -558,13 +563,17 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, metadata: dic
         "tokens": json.dumps(prompt_cache.tokens),
         "metadata": json.dumps(metadata or {}),
     }
-    # mx.save_safetensors appends ".safetensors" to a name without it: give the temporary file that suffix.
-    with replaced_atomically(path, suffix=".safetensors") as tmp:
-        mx.save_safetensors(str(tmp), arrays, header)
+    try:
+        # mx.save_safetensors appends ".safetensors" to a name without it: give the temporary file that suffix.
+        with replaced_atomically(path, suffix=".safetensors") as tmp:
+            mx.save_safetensors(str(tmp), arrays, header)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (MLX reports write errors as these)
+        raise QwenMLXError(f"{path}: cannot write the prompt cache ({e}); nothing was written") from None
 
 
 def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
-    """Read a file written by `save_prompt_cache`: the PromptCache and the metadata saved with it."""
+    """Read a file written by `save_prompt_cache`: the PromptCache and the metadata saved with it. Anything else
+    (another safetensors file, a damaged or hand-edited cache) is a one-line error naming the file."""
     try:
         # Named format: mx.load goes by the extension otherwise, and save_prompt_cache accepts any file name.
         arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
@@ -572,11 +581,43 @@ def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
         raise QwenMLXError(f"{path}: cannot read the prompt cache ({e})") from None
     if header.get("format") != "qwen-mlx-prompt-cache":
         raise QwenMLXError(f"{path}: not a qwen-mlx prompt cache (write one with `qwen-mlx cache-prompt`)")
-    caches = []
-    for i, meta in enumerate(json.loads(header["layers"])):
-        prefix = f"layers.{i}."
-        layer_arrays = {name[len(prefix) :]: a for name, a in arrays.items() if name.startswith(prefix)}
-        rope_scaled = bool(meta.pop("rope_scaled", 0))
-        caches.append(CACHE_KINDS[meta.pop("type")].from_state(layer_arrays, meta))
-        caches[-1].rope_scaled = rope_scaled
-    return PromptCache(caches, json.loads(header["tokens"])), json.loads(header["metadata"])
+    try:
+        layers, tokens, metadata = (json.loads(header[k]) for k in ("layers", "tokens", "metadata"))
+        caches = [_layer_from_state(i, meta, arrays) for i, meta in enumerate(layers)]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise QwenMLXError(f"{path}: a damaged prompt cache ({type(e).__name__}: {e}); write it again with "
+                           "`qwen-mlx cache-prompt`") from None
+    if not isinstance(metadata, dict) or not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+        raise QwenMLXError(f"{path}: a damaged prompt cache (its metadata or token list); write it again")
+    if any(c.offset != len(tokens) for c in caches):
+        raise QwenMLXError(f"{path}: its token list ({len(tokens)} ids) does not match its arrays; write it again")
+    return PromptCache(caches, tokens), metadata
+
+
+def _layer_from_state(i: int, meta: Any, arrays: dict[str, mx.array]) -> BaseCache:
+    prefix = f"layers.{i}."
+    kind = CACHE_KINDS.get(meta.get("type")) if isinstance(meta, dict) else None
+    if kind is None:
+        raise ValueError(f"layer {i} has no known cache type")
+    layer_arrays = {name[len(prefix) :]: a for name, a in arrays.items() if name.startswith(prefix)}
+    settings = {k: v for k, v in meta.items() if k not in ("type", "rope_scaled")}
+    if not all(type(v) is int for v in settings.values()):
+        raise ValueError(f"layer {i}'s settings are not integers")
+    cache = kind.from_state(layer_arrays, settings)
+    cache.rope_scaled = bool(meta.get("rope_scaled", 0))  # YaRN on demand: the RoPE its keys were rotated with
+    return cache
+
+
+def check_prompt_cache(prompt_cache: PromptCache, model: nn.Module, source: str) -> None:
+    """A loaded prompt cache must fit the model it will run with: as many layers, and keys and values of its
+    KV heads and head size."""
+    config = model.config
+    if len(prompt_cache.caches) != config.num_hidden_layers:
+        raise QwenMLXError(f"{source}: the prompt cache has {len(prompt_cache.caches)} layers, the model "
+                           f"{config.num_hidden_layers}; it was made with another model")
+    for cache in prompt_cache.caches:
+        keys = getattr(cache, "keys", None)
+        first = keys[0] if isinstance(keys, tuple) else keys
+        if first is not None and (first.ndim != 4 or first.shape[1] != config.num_key_value_heads):
+            raise QwenMLXError(f"{source}: the prompt cache's keys do not fit this model; it was made with another "
+                               "model")

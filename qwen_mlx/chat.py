@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -130,7 +131,12 @@ class ToolCallStream:
         rest, self.pending = self.pending, ""
         if self.inside:
             self.inside = False
-            return [self._parse(rest, rest[len(TOOL_CALL_OPEN) :])]
+            # Cut off inside a block (max_tokens): a call if its JSON is whole, else nothing; never markup as text.
+            call = _read_call(rest[len(TOOL_CALL_OPEN) :].strip())
+            if isinstance(call, ToolCall):
+                return [call]
+            self.errors.append(f"the reply ended inside a tool call: {call}")
+            return []
         return [rest] if rest and not self.after_call else []
 
     def _parse(self, block: str, body: str) -> str | ToolCall:
@@ -179,3 +185,91 @@ def parse_tool_calls(text: str) -> ToolCallParse:
         content="".join(p for p in parts if isinstance(p, str)).strip(),
         errors=stream.errors,
     )
+
+
+@dataclass
+class CallPiece:
+    """Part of a tool call as it streams: its `name` when the call starts, then pieces of its arguments' JSON."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
+
+
+# The head of a call, up to where its arguments' object starts (seen, so whitespace before it is all there).
+_CALL_HEAD = re.compile(r'\s*\{"name":\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments":\s*(?=\{)')
+
+
+class ToolArgumentsStream:
+    """Tool calls in the exact form the tool-call grammar produces (`<tool_call>\n{"name": ..., "arguments":
+    {...}}\n</tool_call>`, the arguments last), split as they stream into each call's name and pieces of its
+    arguments, so a client sees arguments grow as OpenAI streams them. No markup is ever part of a piece; a reply
+    cut off mid-call leaves that call's arguments as far as they came (OpenAI's finish_reason "length")."""
+
+    def __init__(self) -> None:
+        self.state = "between"  # between calls / in a call's head / in its arguments / after them
+        self.buffer = ""
+        self.calls: list[list[str]] = []  # [name, arguments so far] per call
+        self._depth, self._in_string, self._escaped = 0, False, False
+
+    def feed(self, text: str) -> list[CallPiece]:
+        self.buffer += text
+        pieces: list[CallPiece] = []
+        while self.buffer:
+            step = getattr(self, f"_{self.state}")()
+            if step is None:
+                break
+            if step.name is not None or step.arguments:
+                pieces.append(step)
+        return pieces
+
+    def _between(self) -> CallPiece | None:
+        start = self.buffer.find(TOOL_CALL_OPEN)
+        if start < 0:
+            return None
+        self.buffer, self.state = self.buffer[start + len(TOOL_CALL_OPEN) :], "head"
+        return CallPiece(len(self.calls))
+
+    def _head(self) -> CallPiece | None:
+        match = _CALL_HEAD.match(self.buffer)
+        if match is None:
+            return None
+        name = json.loads(match.group(1))
+        self.calls.append([name, ""])
+        self.buffer, self.state = self.buffer[match.end() :], "arguments"
+        return CallPiece(len(self.calls) - 1, name=name)
+
+    def _arguments(self) -> CallPiece | None:
+        end = self._scan()
+        piece, self.buffer = self.buffer[:end], self.buffer[end:]
+        if end < len(piece) + len(self.buffer) or self._depth == 0:
+            self.state = "after"
+        self.calls[-1][1] += piece
+        return CallPiece(len(self.calls) - 1, arguments=piece) if piece else None
+
+    def _after(self) -> CallPiece | None:
+        end = self.buffer.find(TOOL_CALL_CLOSE)
+        if end < 0:
+            return None
+        self.buffer, self.state = self.buffer[end + len(TOOL_CALL_CLOSE) :], "between"
+        return CallPiece(len(self.calls))
+
+    def _scan(self) -> int:
+        """How much of the buffer belongs to the arguments' JSON value (all of it until the value closes)."""
+        for i, char in enumerate(self.buffer):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        return len(self.buffer)

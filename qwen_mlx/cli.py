@@ -7,12 +7,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from qwen_mlx.commands import bench, cache_prompt, chat, generate, info, serve
+from qwen_mlx.commands import bench, cache_prompt, chat, generate, info, listing, pull, remove, run, serve
 from qwen_mlx.converter import cli as convert
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.webui import cli as webui
 
-COMMANDS = (generate, chat, cache_prompt, convert, webui, serve, bench, info)
+COMMANDS = (generate, chat, cache_prompt, convert, webui, serve, bench, info, pull, listing, remove, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except QwenMLXError as e:
         print(f"qwen-mlx: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path of the user's that cannot be read or written: theirs to fix, not a crash
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qwen-mlx: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

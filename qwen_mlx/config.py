@@ -10,6 +10,7 @@ from typing import Any
 from qwen_mlx.errors import QwenMLXError
 
 SUPPORTED_MODEL_TYPES = ("qwen2",)
+REQUIRED = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -92,30 +93,28 @@ class ModelConfig:
                 f"{source}: model_type is {model_type!r}, but qwen-mlx runs Qwen2 / Qwen2.5 models "
                 f"(model_type 'qwen2'); pick a Qwen2 or Qwen2.5 checkpoint"
             )
-        required = (
-            "hidden_size",
-            "num_hidden_layers",
-            "intermediate_size",
-            "num_attention_heads",
-            "vocab_size",
-        )
-        missing = [k for k in required if k not in d]
+        missing = [k for k in REQUIRED if k not in d]
         if missing:
             raise QwenMLXError(f"{source}: missing {', '.join(missing)}; is this a complete Qwen2 config.json?")
-        rope_theta, rope_scaling = _rope_settings(d)
+        heads = positive_int(d, "num_attention_heads", source)
+        rope_theta, rope_scaling = _rope_settings(d, source)
+        quantization = d.get("quantization")
+        if quantization is not None:
+            check_quantization_block(quantization, source)
         config = cls(
-            hidden_size=int(d["hidden_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_attention_heads=int(d["num_attention_heads"]),
-            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
-            vocab_size=int(d["vocab_size"]),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            hidden_size=positive_int(d, "hidden_size", source),
+            num_hidden_layers=positive_int(d, "num_hidden_layers", source),
+            intermediate_size=positive_int(d, "intermediate_size", source),
+            num_attention_heads=heads,
+            num_key_value_heads=positive_int(d, "num_key_value_heads", source) if d.get("num_key_value_heads")
+            is not None else heads,
+            vocab_size=positive_int(d, "vocab_size", source),
+            rms_norm_eps=positive_number(d, "rms_norm_eps", source, 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            quantization=d.get("quantization"),
+            max_position_embeddings=positive_int(d, "max_position_embeddings", source, 32768),
+            tie_word_embeddings=flag(d, "tie_word_embeddings", source),
+            quantization=quantization,
         )
         if config.hidden_size % config.num_attention_heads:
             raise QwenMLXError(
@@ -134,24 +133,64 @@ class ModelConfig:
         return cls.from_dict(read_json(path), source=str(path))
 
 
-def _rope_settings(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def positive_int(d: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise QwenMLXError(f"{source}: {key} is {value!r}, but must be a positive integer; fix config.json")
+    return value
+
+
+def positive_number(d: dict[str, Any], key: str, source: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise QwenMLXError(f"{source}: {key} is {value!r}, but must be a positive number; fix config.json")
+    return float(value)
+
+
+def flag(d: dict[str, Any], key: str, source: str) -> bool:
+    value = d.get(key, False)
+    if not isinstance(value, bool):
+        raise QwenMLXError(f"{source}: {key} is {value!r}, but must be true or false; fix config.json")
+    return value
+
+
+def check_quantization_block(block: Any, source: str) -> None:
+    """mlx-lm's block: {"group_size": 64, "bits": 4, "mode": "affine", "<layer path>": {...} | false}."""
+    if not isinstance(block, dict):
+        raise QwenMLXError(f"{source}: quantization is {block!r}, but must be an object like "
+                           '{"group_size": 64, "bits": 4}; fix config.json')
+    for key in ("group_size", "bits"):
+        positive_int(block, key, f"{source} (quantization)")
+    for name, layer in block.items():
+        if isinstance(layer, dict):
+            for key in ("group_size", "bits"):
+                positive_int(layer, key, f"{source} (quantization of {name})")
+        elif name not in ("group_size", "bits", "mode") and layer is not False:
+            raise QwenMLXError(f"{source}: quantization entry {name!r} is {layer!r}; a layer's entry is an object "
+                               "or false")
+
+
+def _rope_settings(d: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and the scaling dict, from either config layout.
 
     Hub checkpoints write `rope_theta` + `rope_scaling`; transformers >= 5 saves both inside `rope_parameters`.
     """
+    for key in ("rope_parameters", "rope_scaling"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise QwenMLXError(f"{source}: {key} is {d[key]!r}, but must be an object like "
+                               '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}')
     params = dict(d.get("rope_parameters") or {})
     scaling = dict(d.get("rope_scaling") or params)
-    theta = float(d.get("rope_theta", params.get("rope_theta", 1_000_000.0)))
+    theta = positive_number({**params, **d}, "rope_theta", source, 1_000_000.0)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return theta, None
     if rope_type != "yarn":
         raise QwenMLXError(
-            f"config.json: rope scaling type {rope_type!r} is not supported; Qwen2.5 uses 'yarn' "
+            f"{source}: rope scaling type {rope_type!r} is not supported; Qwen2.5 uses 'yarn' "
             f'(e.g. {{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}})'
         )
-    if "factor" not in scaling:
-        raise QwenMLXError("config.json: yarn rope_scaling needs a 'factor' (e.g. 4.0)")
+    positive_number(scaling, "factor", f"{source} (yarn rope_scaling)", 0)
     scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
     scaling["rope_type"] = "yarn"
     return theta, scaling
@@ -163,8 +202,10 @@ def read_json(path: str | Path) -> dict[str, Any]:
             data = json.load(f)
     except FileNotFoundError:
         raise QwenMLXError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise QwenMLXError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a directory, a symlink loop, no permission
+        raise QwenMLXError(f"{path}: cannot read it ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise QwenMLXError(f"{path}: expected a JSON object")
     return data

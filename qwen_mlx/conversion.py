@@ -9,6 +9,7 @@ the target that is renamed at the end, so an interrupted run never leaves a fold
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from qwen_mlx.quantize import check_quantization, dequantize_model, parameter_co
 from qwen_mlx.weights import MAX_SHARD_BYTES, weight_files, write_json, write_weights
 
 DTYPES = ("float16", "bfloat16", "float32")
+OWNER_FILE = ".converting"  # in a staging folder: the pid of the conversion writing it
 # Besides config and weights, a model folder needs its tokenizer, chat template and generation defaults.
 COPIED_FILES = (
     "tokenizer.json",
@@ -86,9 +88,12 @@ def convert(
         raise QwenMLXError("--q-keep only applies when quantizing; add -q")
     if quantize:
         check_quantization(q_bits, q_group_size)
+    if not str(mlx_path).strip():
+        raise QwenMLXError("--mlx-path is empty (an unset shell variable?); give the folder to write")
     # Resolved, so that "." or "out/.." name a folder with a real name and parent to stage beside.
     target = Path(mlx_path).expanduser().resolve()
     check_target(target, force)
+    clean_interrupted(target)
 
     source = resolve_model_path(hf_path)
     check_apart(source, target)
@@ -118,16 +123,20 @@ def convert(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     staging.mkdir()
+    (staging / OWNER_FILE).write_text(str(os.getpid()))
     try:
         write_weights(staging, weights, parameters, max_shard_bytes)
         write_json(staging / "config.json", output_config(read_json(source / "config.json"), quantization))
         copy_tokenizer_files(source, staging)
+        (staging / OWNER_FILE).unlink()
         output_bytes = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         move_into_place(staging, target, force)
     except BaseException as e:  # Ctrl-C included: leave nothing half-written behind
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk, a read-only folder: the user's to fix
-            raise QwenMLXError(f"{target}: writing failed ({e}); nothing was written") from None
+        # A full disk, a read-only folder: the user's to fix. MLX reports a failed write as a RuntimeError.
+        if isinstance(e, OSError | RuntimeError):
+            raise QwenMLXError(f"{target}: writing failed ({e}); nothing was written, the old folder (if any) is "
+                               "untouched") from None
         raise
     return ConversionSummary(
         mlx_path=target,
@@ -160,13 +169,37 @@ def parse_q_keep(specs: Sequence[str]) -> dict[str, int]:
 
 
 def check_target(target: Path, force: bool) -> None:
-    """Refuse a target that would lose data, before any work is done."""
+    """Refuse a target that would lose data, before any work is done: --force replaces only an empty folder or one
+    that holds a model (config.json and safetensors weights), never the working directory's other files."""
     if target.exists() and not target.is_dir():
         raise QwenMLXError(f"{target}: exists and is not a folder; pick another --mlx-path")
-    if target.is_dir() and any(target.iterdir()) and not force:
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not force:
         raise QwenMLXError(
             f"{target}: exists and is not empty; pass --force to replace it, or pick another --mlx-path"
         )
+    if not ((target / "config.json").is_file() and any(target.glob("*.safetensors"))):
+        others = ", ".join(sorted(p.name for p in target.iterdir())[:3])
+        raise QwenMLXError(f"{target}: holds files that are not a model ({others}, ...); --force replaces only a "
+                           "model folder, so it is left untouched; pick another --mlx-path")
+
+
+def clean_interrupted(target: Path) -> None:
+    """Tidy what a killed conversion left beside `target`: staging folders whose process is gone, and the old
+    target of an interrupted replace (put back if the new one never arrived)."""
+    for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+        owner = leftover / OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)  # raises if no such process: its conversion was killed
+        except (OSError, ValueError):
+            shutil.rmtree(leftover, ignore_errors=True)
+    for old in target.parent.glob(f".{target.name}.*.old"):
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(target)
 
 
 def check_apart(source: Path, target: Path) -> None:

@@ -73,7 +73,8 @@ class Sequence:
 
     def __init__(self, request: GenerationRequest, cache: PromptCache, processors: list[LogitsProcessor],
                  vocab_size: int, cancel: threading.Event | None = None,
-                 on_prefill: Callable[[int, int], None] | None = None, yarn_switch: int | None = None):
+                 on_prefill: Callable[[int, int], None] | None = None, timed: bool = True,
+                 yarn_switch: int | None = None):
         self.request = request
         # called with (tokens computed, to compute) after each chunk of a prefill: the prompt's, or a re-encode's
         self.on_prefill = on_prefill
@@ -82,7 +83,7 @@ class Sequence:
         self.sampler = Sampler(request.sampling, request.seed)
         self.cancel = cancel or threading.Event()
         self.speculation = None if request.speculation is None else make_speculation(
-            request.speculation, cache, request.sampling, request.seed, vocab_size, request.prefill_step_size)
+            request.speculation, cache, request.sampling, request.seed, vocab_size, request.prefill_step_size, timed)
         self.context = list(request.prompt_ids)  # prompt + reply so far: what the processors see
         self.yarn_switch = yarn_switch  # YaRN on demand: the positions a sequence keeps under plain RoPE
         reused = cache.reuse(request.prompt_ids)
@@ -214,6 +215,8 @@ class Decoder:
     tokenizer: Tokenizer
     sequences: list[Sequence] = field(default_factory=list)  # the caller decides how many decode together
     passes: int = 0  # batched forward passes that produced tokens, over all sequences
+    # False: nothing depends on timings (ranks of a parallel model must all take the same steps, `lockstep`)
+    timed: bool = True
     _prefill_in_flight: list[mx.array] = field(default_factory=list)
 
     def add(self, request: GenerationRequest, cache: PromptCache, cancel: threading.Event | None = None,
@@ -221,7 +224,7 @@ class Decoder:
         """Start `request` in `cache`; `on_prefill(done, total)` hears how far its prompt's prefill has come."""
         vocab = self.model.config.vocab_size
         sequence = Sequence(request, cache, make_processors(request, self.tokenizer, vocab), vocab, cancel,
-                            on_prefill, self.model.config.yarn_switch)
+                            on_prefill, self.timed, self.model.config.yarn_switch)
         self.sequences.append(sequence)
         return sequence
 

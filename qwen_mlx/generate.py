@@ -48,6 +48,7 @@ class GenerationChunk:
     stats: GenerationStats | None = None
     logprob: float | None = None  # the token's log-probability under the model (with `logprobs=`)
     top_logprobs: list[tuple[int, float]] | None = None  # the `logprobs` most likely tokens at this step
+    stop_sequence: str | None = None  # on the last chunk: the stop string that ended the reply, if one did
 
 
 @dataclass
@@ -66,13 +67,15 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None  # the stop string reached (the earliest in the text), once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         """The text that is safe to show now, and whether a stop string was reached."""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:
-            safe, self.pending = self.pending[: min(hits)], ""
+            first, self.matched = min(hits, key=lambda hit: hit[0])
+            safe, self.pending = self.pending[:first], ""
             return safe, True
         hold = max((_overlap(self.pending, s) for s in self.stops), default=0)
         safe = self.pending[: len(self.pending) - hold]
@@ -113,7 +116,8 @@ class ReplyText:
         if token is None:
             self.done = True
             # "error": the sequence's processor failed (`sequence.error`); the caller raises or reports it
-            return GenerationChunk(self._tail(), None, event.finish, self.stats())
+            tail = self._tail()
+            return GenerationChunk(tail, None, event.finish, self.stats(), stop_sequence=self.matcher.matched)
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         self.tokens.append(token.id)

@@ -94,21 +94,56 @@ def tool_call_grammar(
             raise QwenMLXError(f"tool_choice names function {name!r}, which is not in tools")
     if not functions:
         raise QwenMLXError("tool calls were required but no function tools were given")
+    definitions: dict[str, Any] = {}
     calls = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+            "properties": {"name": {"const": f["name"]},
+                           "arguments": hoist_definitions(f.get("parameters") or {"type": "object"}, f"f{i}_",
+                                                          definitions)},
             "required": ["name", "arguments"],
             "additionalProperties": False,
             "x-guidance": JSON_STYLE,
         }
-        for f in functions
+        for i, f in enumerate(functions)
     ]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls, "x-guidance": JSON_STYLE}
+    if definitions:
+        schema = {**schema, "$defs": definitions}
     open_, close = (_marker(tokenizer, m) for m in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE))
     repeat = ' ("\\n" call)*' if parallel else ""
     lark = f'start: call{repeat}\ncall: {open_} "\\n" %json {json.dumps(schema)} "\\n" {close}\n'
     return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def hoist_definitions(parameters: dict[str, Any], prefix: str, definitions: dict[str, Any]) -> dict[str, Any]:
+    """`parameters` ready to sit under `properties.arguments` of a larger schema: its `$defs` / `definitions` move
+    into `definitions` (the larger schema's `$defs`), renamed with `prefix`, and every `$ref` into them (or to the
+    parameters' own root, "#") is rewritten, so the pointers pydantic writes for nested models still resolve."""
+    parameters = dict(parameters)
+    local = {**parameters.pop("definitions", {}), **parameters.pop("$defs", {})}
+    root = f"{prefix}parameters"
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, dict):
+            out = {k: rewrite(v) for k, v in value.items()}
+            ref = out.get("$ref")
+            if isinstance(ref, str):
+                if ref == "#":
+                    out["$ref"] = f"#/$defs/{root}"
+                for head in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(head):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(head):]}"
+            return out
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        return value
+
+    definitions.update({f"{prefix}{name}": rewrite(schema) for name, schema in local.items()})
+    parameters = rewrite(parameters)
+    if '"$ref": "#/$defs/' + root + '"' in json.dumps(parameters) + json.dumps(definitions):
+        definitions[root] = parameters
+    return parameters
 
 
 def _marker(tokenizer: Tokenizer, text: str) -> str:

@@ -66,11 +66,12 @@ class MemoryPlan:
     dtype: str  # the float dtype the KV cache is kept in
     compute_dtype: str  # the dtype activations are computed in
     cpu: bool  # MLX's CPU backend: attention materializes its scores
+    kv_share: float = 1.0  # the part of each position's keys and values this process holds (a split model's rank)
 
     def kv_bytes_per_token(self, cache: CacheSettings | None = None) -> float:
         cache = cache or CacheSettings()
         c = self.config
-        elements = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim
+        elements = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.kv_share
         if cache.kv_bits is not None:
             return elements * (cache.kv_bits / 8 + 2 * FLOAT_BYTES[self.dtype] / cache.kv_group_size)
         return elements * FLOAT_BYTES[self.dtype]
@@ -282,7 +283,25 @@ def plan_for_model(model: nn.Module) -> MemoryPlan | None:
     kv = model.layers[0].self_attn.kv_dtype or model.model.compute_dtype or stored
     plan = make_plan(model.config, sum(p.nbytes for p in params.values()), parameters, dtype_name(kv), on_cpu())
     compute = dtype_name(model.model.compute_dtype or stored)
-    return replace(plan, compute_dtype=compute)
+    # A split model's rank holds the keys and values of its heads (tensor) or its layers (pipeline) only.
+    held = len(model.layers) * model.layers[0].self_attn.n_kv_heads
+    share = held / (model.config.num_hidden_layers * model.config.num_key_value_heads)
+    return replace(plan, compute_dtype=compute, kv_share=share)
+
+
+def usable_context(model: nn.Module, cache: CacheSettings | None = None) -> int:
+    """The positions a loaded model can hold here: its context length, or fewer where memory runs out first (what
+    requests are checked against, so a context meter built on it shows the same limit)."""
+    plan = plan_for_model(model)
+    if plan is None:
+        return model.config.context_length
+    return plan.largest_context(memory_budget().nbytes, cache)
+
+
+def split_plan(plan: MemoryPlan, ranks: int) -> MemoryPlan:
+    """One rank's share of a model split over `ranks` processes (`qwen_mlx.parallel`): about 1/N of the weights
+    (every table is split, only the norms are whole) and of the KV cache (its heads, or its stage's layers)."""
+    return replace(plan, weights=-(-plan.weights // ranks), kv_share=1 / ranks)
 
 
 def dtype_name(dtype: mx.Dtype) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,6 +14,9 @@ from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import in_order
 from qwen_mlx.rope import RoPE
 from qwen_mlx.sample import SamplingParams
+
+if TYPE_CHECKING:
+    from qwen_mlx.parallel import Stage
 
 
 class Attention(nn.Module):
@@ -37,6 +41,8 @@ class Attention(nn.Module):
         self.kv_dtype: mx.Dtype | None = None
         # Queries per pass of a causal attention over many tokens; None: all at once (see `cpu.in_order`).
         self.prefill_chunk: int | None = None
+        # Tensor parallel (`parallel.shard_model`): this rank holds some heads, and o_proj's partial sums add up.
+        self.group: mx.distributed.Group | None = None
 
     def __call__(self, x: mx.array, mask: Mask, cache: LayerCache | None) -> mx.array:
         B, L, _ = x.shape
@@ -51,7 +57,7 @@ class Attention(nn.Module):
             # The cache stores keys already rotated, so positions keep counting up even after eviction.
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, query_chunk=self.prefill_chunk)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return all_sum(self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), self.group)
 
     def rotate(self, x: mx.array, offset: int | mx.array, cache: LayerCache | None) -> mx.array:
         """`x` at its positions, under the RoPE its sequence runs: YaRN once its cache switched (or, without a
@@ -78,14 +84,22 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
         # Tokens per pass over many tokens; None: all at once (see `cpu.in_order`).
         self.prefill_chunk: int | None = None
+        # Tensor parallel: this rank holds some of the hidden columns, and down_proj's partial sums add up.
+        self.group: mx.distributed.Group | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.prefill_chunk is not None and x.shape[1] > self.prefill_chunk:
-            return in_order(lambda s, e, wait: self.swiglu_mlp(wait(x[:, s:e])), x.shape[1], self.prefill_chunk, 1)
-        return self.swiglu_mlp(x)
+            out = in_order(lambda s, e, wait: self.swiglu_mlp(wait(x[:, s:e])), x.shape[1], self.prefill_chunk, 1)
+        else:
+            out = self.swiglu_mlp(x)
+        return all_sum(out, self.group)
 
     def swiglu_mlp(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def all_sum(x: mx.array, group: mx.distributed.Group | None) -> mx.array:
+    return x if group is None else mx.distributed.all_sum(x, group=group)
 
 
 @partial(mx.compile, shapeless=True)
@@ -116,6 +130,8 @@ class Qwen2Model(nn.Module):
         # The dtype activations are computed in; None: the embedding's. See qwen_mlx.cpu for why it can differ.
         self.compute_dtype: mx.Dtype | None = None
         self.yarn_switch = config.yarn_switch
+        # Pipeline parallel (`parallel.shard_model`): `layers` are this rank's stage, between the others'.
+        self.stage: Stage | None = None
 
     def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
         h = self.embed_tokens(ids)
@@ -125,8 +141,12 @@ class Qwen2Model(nn.Module):
             settle_rope(cache, ids.shape[1], self.yarn_switch)
         cache = cache or [None] * len(self.layers)
         mask = attention_mask(h.shape[1], cache[0])
+        if self.stage is not None:
+            h = self.stage.receive(h)
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             h = layer(h, mask, layer_cache)
+        if self.stage is not None:
+            h = self.stage.pass_on(h, cache[-1])
         return self.norm(h)
 
 
@@ -134,13 +154,16 @@ class Qwen2(nn.Module):
     """The causal LM: `model(ids, cache=None)` → logits of shape (batch, length, vocab).
 
     `sampling_defaults` are the checkpoint's own (its generation_config.json, read by `load`): what generation
-    uses for any sampling parameter a request leaves out.
+    uses for any sampling parameter a request leaves out. `fingerprint` tells its weights from another
+    checkpoint's (`weights.fingerprint`), so caches saved for it are never applied to another model.
     """
 
-    def __init__(self, config: ModelConfig, sampling_defaults: SamplingParams | None = None):
+    def __init__(self, config: ModelConfig, sampling_defaults: SamplingParams | None = None,
+                 fingerprint: str | None = None):
         super().__init__()
         self.config = config
         self.sampling_defaults = sampling_defaults or SamplingParams()
+        self.fingerprint = fingerprint
         self.model = Qwen2Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

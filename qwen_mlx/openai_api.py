@@ -17,11 +17,19 @@ from typing import Any
 
 import mlx.nn as nn
 
-from qwen_mlx.chat import TOOL_CALL_CLOSE, ToolCall, ToolCallStream
+from qwen_mlx.chat import TOOL_CALL_CLOSE, CallPiece, ToolArgumentsStream, ToolCall, ToolCallStream
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk, GenerationStats
 from qwen_mlx.grammar import tool_call_grammar
-from qwen_mlx.request import MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS, GenerationRequest, is_int, prepare_request
+from qwen_mlx.prefix_cache import ReplyMemory
+from qwen_mlx.request import (
+    MAX_TOKENS_LIMIT,
+    MAX_TOP_LOGPROBS,
+    GenerationRequest,
+    check_text,
+    is_int,
+    prepare_request,
+)
 from qwen_mlx.tokenizer import Tokenizer
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
@@ -56,6 +64,7 @@ class ServedModel:
     model: nn.Module
     tokenizer: Tokenizer
     options: dict[str, Any] = field(default_factory=dict)  # the server's own (a draft model, prompt lookup)
+    replies: ReplyMemory | None = None  # the ids recent replies were generated as (prompts match their cache)
 
     @property
     def context_length(self) -> int:
@@ -71,6 +80,7 @@ class APIRequest:
     stream: bool = False
     include_usage: bool = False
     parse_tools: bool = False
+    forced_tools: bool = False  # the grammar allows tool calls and nothing else (tool_choice required / named)
     logprobs: int | None = None  # None: not asked; else how many alternatives per token
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -82,7 +92,7 @@ class APIRequest:
 
 def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
     body = _check_fields(body, CHAT_FIELDS)
-    messages = _messages(body.get("messages"))
+    messages = _messages(body.get("messages"), served.replies)
     tools = _tools(body.get("tools"))
     choice = body.get("tool_choice", "auto" if tools else "none")
     parallel = body.get("parallel_tool_calls", True)
@@ -126,7 +136,8 @@ def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
     generation = _prepare(served, ids, options, body.get(max_name), max_name,
                           {"prompt": "messages", "grammar": grammar_param, "logprobs": "top_logprobs"})
     return APIRequest(chat=True, generation=generation, stream=_stream(body), include_usage=_include_usage(body),
-                      parse_tools=choice != "none", logprobs=options.get("logprobs"))
+                      parse_tools=choice != "none", forced_tools=grammar_param == "tool_choice",
+                      logprobs=options.get("logprobs"))
 
 
 def parse_completion_request(body: Any, served: ServedModel) -> APIRequest:
@@ -138,6 +149,10 @@ def parse_completion_request(body: Any, served: ServedModel) -> APIRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
+        try:
+            check_text("prompt", prompt, "prompt")
+        except QwenMLXError as e:
+            raise APIError(400, str(e), "prompt") from None
         ids = served.tokenizer.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         ids = list(prompt)
@@ -247,8 +262,9 @@ def _named_tool(choice: Any) -> str | None:
     return None
 
 
-def _messages(messages: Any) -> list[dict[str, Any]]:
-    """OpenAI messages as Qwen's chat template expects them: text content, tool-call arguments as objects."""
+def _messages(messages: Any, replies: ReplyMemory | None = None) -> list[dict[str, Any]]:
+    """OpenAI messages as Qwen's chat template expects them: text content, tool-call arguments as objects, and
+    a reply this server generated with the ids it was generated as."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", "messages")
     out = []
@@ -264,11 +280,23 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
                 message["tool_calls"] = [_tool_call_in(c, i) for c in calls]
         if m.get("name") and m["role"] == "tool":
             message["name"] = m["name"]
+        generated = replies.ids_for(message["content"]) if replies and message["role"] == "assistant" else None
+        if generated:
+            message["token_ids"] = generated
         out.append(message)
     return out
 
 
 def _text(content: Any, i: int) -> str:
+    text = _content(content, i)
+    try:
+        check_text(f"messages[{i}].content", text, "messages")
+    except QwenMLXError as e:
+        raise APIError(400, str(e), "messages") from None
+    return text
+
+
+def _content(content: Any, i: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
@@ -347,37 +375,48 @@ def usage(stats: GenerationStats) -> dict[str, Any]:
 
 class ResponseBuilder:
     """Builds the answer to one request from its `GenerationChunk`s: streamed chunk payloads as they come
-    (`add`), then the closing payloads or the whole non-streamed response (`finish`)."""
+    (`add`), then the closing payloads or the whole non-streamed response (`finish`).
+
+    Tool calls never show as markup in content. A call the model chose freely (tool_choice "auto") is sent whole
+    once its block closes (a malformed one is kept as the model's text); a call the grammar forces streams its
+    arguments in pieces as OpenAI does, and one cut off by max_tokens keeps the arguments it had."""
 
     def __init__(self, request: APIRequest, served: ServedModel):
         self.request, self.model = request, served
-        self.tools = ToolCallStream() if request.parse_tools else None
+        self.forced = ToolArgumentsStream() if request.forced_tools else None
+        self.tools = ToolCallStream() if request.parse_tools and not request.forced_tools else None
         self.content: list[str] = []
-        self.calls: list[ToolCall] = []
+        self.calls: list[list[str]] = []  # [name, arguments' JSON text] per call
         self.logprobs: list[dict[str, Any]] = []
         self.text_offsets: list[int] = []  # where each token's text starts in the reply (/v1/completions)
+        self.tokens: list[int] = []  # the reply's ids, remembered for the conversation's next turn
         self.started = False
 
     def add(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
         """Stream payloads for one chunk (possibly none: text held back as a possible stop or tool markup)."""
-        parts: list[str | ToolCall] = (self.tools.feed(chunk.text) if self.tools else [chunk.text]) if chunk.text \
-            else []
         logprob = self._logprob(chunk) if chunk.token is not None and self.request.logprobs is not None else None
-        return self._payloads(parts, logprob)
+        if chunk.token is not None:
+            self.tokens.append(chunk.token)
+        return self._payloads(*self._split(chunk.text), logprob)
 
     def finish(self, last: GenerationChunk) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The closing stream payloads and the complete response, from the last chunk (finish reason, stats)."""
-        tail: list[str | ToolCall] = [last.text] if last.text else []
+        text, calls = self._split(last.text)
         if self.tools is not None:
-            tail = self.tools.feed(last.text) + self.tools.finish()
-        payloads = self._payloads(tail, None)
-        reason = "tool_calls" if self.calls else "length" if last.finish_reason == "length" else "stop"
+            more_text, more_calls = self._sorted(self.tools.finish())
+            text, calls = text + more_text, calls + more_calls
+        payloads = self._payloads(text, calls, None)
+        if self.request.chat and not self.calls and self.model.replies is not None:
+            self.model.replies.remember("".join(self.content), self.tokens)
+        reason = "length" if last.finish_reason == "length" else "tool_calls" if self.calls else "stop"
         stats = last.stats or GenerationStats()
         if self.request.chat:
             final = self._chunk({}, reason)
             message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
             if self.calls:
-                message["tool_calls"] = [c.to_openai(self._call_id(i)) for i, c in enumerate(self.calls)]
+                message["tool_calls"] = [{"id": self._call_id(i), "type": "function",
+                                          "function": {"name": name, "arguments": arguments}}
+                                         for i, (name, arguments) in enumerate(self.calls)]
             choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason,
                                       "logprobs": {"content": self.logprobs} if self.request.logprobs is not None
                                       else None}
@@ -395,14 +434,44 @@ class ResponseBuilder:
             payloads.append({**self._chunk({}, None), "choices": [], "usage": usage(stats)})
         return payloads, response
 
-    def _payloads(self, parts: list[str | ToolCall], logprob: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def _split(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """A chunk's text as (content, tool-call deltas)."""
+        if not text:
+            return "", []
+        if self.forced is not None:
+            return "", [self._piece_delta(piece) for piece in self.forced.feed(text)]
+        if self.tools is not None:
+            return self._sorted(self.tools.feed(text))
+        return text, []
+
+    def _sorted(self, parts: list[str | ToolCall]) -> tuple[str, list[dict[str, Any]]]:
+        text = "".join(p for p in parts if isinstance(p, str))
+        deltas = []
+        for call in (p for p in parts if isinstance(p, ToolCall)):
+            self.calls.append([call.name, json.dumps(call.arguments, ensure_ascii=False)])
+            deltas.append(self._call_delta(len(self.calls) - 1, call.name, self.calls[-1][1]))
+        return text, deltas
+
+    def _piece_delta(self, piece: CallPiece) -> dict[str, Any]:
+        if piece.name is not None:
+            self.calls.append([piece.name, ""])
+            return self._call_delta(piece.index, piece.name, "")
+        self.calls[piece.index][1] += piece.arguments
+        return self._call_delta(piece.index, None, piece.arguments)
+
+    def _call_delta(self, index: int, name: str | None, arguments: str) -> dict[str, Any]:
+        """A streamed tool_calls entry: the first for a call has its id, type and name; later ones add arguments."""
+        if name is None:
+            return {"index": index, "function": {"arguments": arguments}}
+        return {"index": index, "id": self._call_id(index), "type": "function",
+                "function": {"name": name, "arguments": arguments}}
+
+    def _payloads(self, text: str, calls: list[dict[str, Any]], logprob: dict[str, Any] | None) -> list[dict[str, Any]]:
         payloads = []
         if self.request.chat and not self.started:
             payloads.append(self._chunk({"role": "assistant", "content": ""}, None))
         self.started = True
-        text = "".join(p for p in parts if isinstance(p, str))
         self.content.append(text)
-        calls = [p for p in parts if isinstance(p, ToolCall)]
         if text or logprob is not None:
             if self.request.chat:
                 payload = self._chunk({"content": text}, None)
@@ -414,10 +483,7 @@ class ResponseBuilder:
                     payload["choices"][0]["logprobs"] = self._legacy_logprobs([logprob], [self._next_offset()])
             payloads.append(payload)
         for call in calls:
-            index = len(self.calls)
-            self.calls.append(call)
-            payloads.append(self._chunk({"tool_calls": [{"index": index, **call.to_openai(self._call_id(index))}]},
-                                        None))
+            payloads.append(self._chunk({"tool_calls": [call]}, None))
         if logprob is not None:
             self.text_offsets.append(self._next_offset())
             self.logprobs.append(logprob)

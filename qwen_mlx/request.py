@@ -8,10 +8,12 @@ error's `field` (the server reports it as the error's `param`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
 import mlx.nn as nn
 
 from qwen_mlx.cache import CacheSettings
@@ -24,6 +26,7 @@ from qwen_mlx.tokenizer import Tokenizer
 
 MAX_TOKENS_LIMIT = 8192  # Qwen2.5's generation limit (model card)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+MAX_NESTING = 64  # levels of nested JSON accepted in schemas and tools (deeper ones exhaust parsers' stacks)
 MAX_DRAFT_TOKENS = 16  # on Apple silicon a pass over up to ~16 tokens costs about one pass
 DEFAULT_DRAFT_TOKENS = 4  # benchmarks/bench_speculative.py: the most tokens per pass where drafts are right
 ROLES = ("system", "user", "assistant", "tool")
@@ -117,6 +120,8 @@ def prepare_request(
     cache = CacheSettings(max_kv_size, keep, kv_bits, kv_group_size)
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise QwenMLXError("tools must be a list of {'type': 'function', 'function': {...}} objects", "tools")
+    for name, value in (("tools", tools), ("json_schema", json_schema), ("response_format", response_format)):
+        check_nesting(name, value)
     prompt_ids = encode_prompt(tokenizer, prompt, model.config.vocab_size, tools or None)
     context = model.config.context_length
     if len(prompt_ids) >= context:
@@ -147,6 +152,7 @@ def speculation_settings(tokenizer: Tokenizer, draft_model: Any, num_draft_token
     if prompt_lookup is not None:
         check_int("prompt_lookup", prompt_lookup, 1, MAX_DRAFT_TOKENS)
     if isinstance(prediction, str):
+        check_text("prediction", prediction, "prediction")
         predicted = tuple(tokenizer.encode(prediction)) if prediction else None
     elif isinstance(prediction, Sequence) and all(is_int(t) for t in prediction):
         predicted = tuple(prediction) or None
@@ -170,7 +176,32 @@ def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
         return ()
     if isinstance(stops, bytes | dict) or not all(isinstance(s, str) for s in stops):
         raise QwenMLXError(f"stop must be a string or a list of strings, not {stop!r}", "stop")
+    for s in stops:
+        check_text("a stop string", s, "stop")
     return tuple(s for s in stops if s)
+
+
+def check_nesting(field: str, value: Any) -> None:
+    """Refuse JSON nested deeper than MAX_NESTING levels before a template, a schema compiler or the tokenizer
+    recurses into it."""
+    level, frontier = 0, [value]
+    while frontier:
+        level += 1
+        if level > MAX_NESTING:
+            raise QwenMLXError(f"{field} is nested more than {MAX_NESTING} levels deep; flatten it", field)
+        frontier = [v for item in frontier for v in (item.values() if isinstance(item, dict) else item
+                                                      if isinstance(item, list) else ())]
+        frontier = [v for v in frontier if isinstance(v, dict | list)]
+
+
+def check_text(what: str, text: str, field: str) -> None:
+    """Text must be Unicode that UTF-8 can carry: a lone surrogate (undecodable bytes on a command line, a broken
+    JSON escape) is a user's mistake to report, not a crash in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise QwenMLXError(f"{what} is not valid UTF-8 text (a lone surrogate at character {e.start}); send "
+                           "well-formed UTF-8", field) from None
 
 
 def encode_prompt(
@@ -184,6 +215,7 @@ def encode_prompt(
     if isinstance(prompt, str):
         if not prompt:
             raise QwenMLXError("the prompt is empty", "prompt")
+        check_text("the prompt", prompt, "prompt")
         if tools:
             raise QwenMLXError("tools need chat messages as the prompt, e.g. [{'role': 'user', 'content': ...}]",
                                "tools")
@@ -197,7 +229,13 @@ def encode_prompt(
     if all(isinstance(m, dict) for m in items):
         for i, m in enumerate(items):
             check_message(i, m)
-        return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True, tokenize=True)
+        check_nesting("messages", items)
+        if tools:
+            check_text("tools", json.dumps(tools, ensure_ascii=False), "tools")
+        try:
+            return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True, tokenize=True)
+        except jinja2.TemplateError as e:  # the model's own template refusing them (a bad role order, say)
+            raise QwenMLXError(f"the chat template cannot render these messages: {e}", "messages") from None
     if all(is_int(t) for t in items):
         bad = [t for t in items if not 0 <= t < vocab_size]
         if bad:
@@ -216,7 +254,10 @@ def check_message(i: int, message: dict[str, Any]) -> None:
         raise QwenMLXError(f"chat message {i} has role {role!r}; use one of {', '.join(ROLES)}", "messages")
     content = message.get("content")
     calls = message.get("tool_calls")
-    if isinstance(content, str) or (role == "assistant" and calls and content in (None, "")):
+    if isinstance(content, str):
+        check_text(f"chat message {i}", content, "messages")
+        return
+    if role == "assistant" and calls and content is None:
         return
     if "content" not in message and not calls:
         raise QwenMLXError(f"chat message {i} ({role}) needs a 'role' and a 'content'", "messages")

@@ -145,7 +145,8 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, seed: int | None = None):
         self.params = params
-        self.key = mx.random.key(seed) if seed is not None else None
+        # Any integer is a seed (OpenAI accepts negative and 64-bit ones): MLX's keys take 64 unsigned bits.
+        self.key = mx.random.key(seed % 2**64) if seed is not None else None
 
     def __call__(self, logits: mx.array) -> mx.array:
         if self.params.greedy:

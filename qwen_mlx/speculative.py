@@ -264,9 +264,10 @@ def check_draft_tokenizer(draft: Tokenizer, target: Tokenizer) -> None:
 
 
 def make_speculation(settings: Any, cache: PromptCache, sampling: SamplingParams, seed: int | None,
-                     vocab_size: int, prefill_step_size: int) -> Speculation:
+                     vocab_size: int, prefill_step_size: int, timed: bool = True) -> Speculation:
     """A sequence's Speculation from its request's `SpeculationSettings`; a draft model keeps its own cache as
-    `cache.draft`, so the next turn of the conversation reuses the draft's prefix too."""
+    `cache.draft`, so the next turn of the conversation reuses the draft's prefix too. With `timed` False the
+    draft lengths never depend on timings."""
     if any(isinstance(c, RotatingKVCache) for c in cache.caches):
         raise QwenMLXError("speculative decoding needs a KV cache it can rewind, and a rotating one (max_kv_size, "
                            "--max-kv-size) cannot be once it wraps: drop one of the two", "max_kv_size")
@@ -281,7 +282,7 @@ def make_speculation(settings: Any, cache: PromptCache, sampling: SamplingParams
             cache.draft = PromptCache.new(settings.draft.model)
         sources.append(Limited(DraftModelSource(settings.draft.model, cache.draft, sampling, seed, vocab_size,
                                                 prefill_step_size), k))
-    timed = sampling.greedy or seed is None
+    timed = timed and (sampling.greedy or seed is None)
     return Speculation(sources, max_draft=max(s.limit for s in sources), timed=timed)
 
 

@@ -125,9 +125,16 @@ class Tokenizer:
         Added-token strings inside user-controlled text (system/user/tool contents, tool definitions) are hidden
         behind one-off placeholders while the template renders, so only the template's own markers are split out
         as control tokens. Assistant turns keep theirs: those tokens were the model's own (e.g. `<tool_call>`).
+
+        An assistant message may carry the `token_ids` its content was generated as: where they decode to the
+        content exactly, they stand for it in the ids, so the prompt matches the KV cache that generated them
+        even when the text would tokenize otherwise (a random model's byte soup, an unusual merge).
         """
         nonce = secrets.token_hex(8)
         placeholders: dict[str, str] = {}
+        replies: dict[str, list[int]] = {}
+        if tokenize:
+            messages = [self._stand_in(m, f"\ue000{nonce}:reply{i}\ue001", replies) for i, m in enumerate(messages)]
 
         def stash(match: re.Match[str]) -> str:
             key = f"\ue000{nonce}:{len(placeholders)}\ue001"
@@ -159,11 +166,31 @@ class Tokenizer:
         ids: list[int] = []
         pos = 0
         for match in self._added_pattern.finditer(rendered) if self._added_pattern else ():
-            ids += self.encode(reveal(rendered[pos : match.start()]))
+            ids += self._encode_piece(reveal(rendered[pos : match.start()]), replies)
             ids.append(self.added_tokens[match.group(0)])
             pos = match.end()
-        ids += self.encode(reveal(rendered[pos:]))
+        ids += self._encode_piece(reveal(rendered[pos:]), replies)
         return ids
+
+    def _stand_in(self, message: dict[str, Any], key: str, replies: dict[str, list[int]]) -> dict[str, Any]:
+        """An assistant message whose `token_ids` spell its content, with a placeholder for the content."""
+        ids = message.get("token_ids")
+        content = message.get("content")
+        if message.get("role") != "assistant" or not isinstance(content, str) or not content or not ids:
+            return message
+        if self.decode(ids) != content:
+            return message
+        replies[key] = list(ids)
+        return {**message, "content": key}
+
+    def _encode_piece(self, text: str, replies: dict[str, list[int]]) -> list[int]:
+        """Ordinary text's ids, with each reply placeholder's own ids spliced in where it stands."""
+        ids: list[int] = []
+        for key, reply in replies.items():
+            before, found, text = text.partition(key) if key in text else ("", "", text)
+            if found:
+                ids += self.encode(before) + reply
+        return ids + self.encode(text)
 
     @cached_property
     def fingerprint(self) -> str:

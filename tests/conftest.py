@@ -3,8 +3,9 @@ random models that use it."""
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,20 @@ from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
 from qwen_mlx.random_model import tiny_config, write_random_qwen2
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def qwen_mlx_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Everything qwen-mlx keeps (conversations, the demo model, the prefix cache on disk) goes to a temporary
+    folder during the tests, in this process and in the servers it starts, never to the user's own."""
+    home = tmp_path_factory.mktemp("qwen-mlx-home")
+    previous = os.environ.get("QWEN_MLX_HOME")
+    os.environ["QWEN_MLX_HOME"] = str(home)
+    yield home
+    if previous is None:
+        del os.environ["QWEN_MLX_HOME"]
+    else:
+        os.environ["QWEN_MLX_HOME"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +62,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir:
         return folder
 
     return make
+
+
+DEMO_KEY = "demo-key-123"
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`qwen-mlx serve --demo --api-key DEMO_KEY` on a free 127.0.0.1 port, with an empty model home and cache of
+    its own; its URL. Shared by the Ollama and Anthropic client tests."""
+    from servers import free_port, start_server, stop_server
+
+    root = tmp_path_factory.mktemp("demo-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"QWEN_MLX_HOME": str(root / "home"), "HF_HOME": str(root / "hf")}
+    process = start_server(["serve", "--demo", "--port", str(port), "--api-key", DEMO_KEY], f"{url}/health",
+                           root / "serve.log", env=env)
+    yield url
+    stop_server(process)

@@ -401,7 +401,7 @@ def test_a_conversion_killed_midway_leaves_only_a_hidden_temporary_folder(
     assert digest(sources["untied"]) == before
 
 
-def test_an_existing_target_is_refused_without_force_and_replaced_with_it(
+def test_an_existing_target_is_refused_without_force_and_only_a_model_is_replaced_with_it(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
     target = tmp_path / "out"
@@ -409,10 +409,14 @@ def test_an_existing_target_is_refused_without_force_and_replaced_with_it(
     (target / "notes.txt").write_text("mine")
     with pytest.raises(QwenMLXError, match="--force"):
         convert(sources["tied"], target, quantize=True)
+    # --force replaces a model folder only: a folder of other files is named and left as it is.
+    with pytest.raises(QwenMLXError, match="not a model.*notes.txt"):
+        convert(sources["tied"], target, quantize=True, force=True)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    (target / "notes.txt").unlink()
+    convert(sources["tied"], target)
     convert(sources["tied"], target, quantize=True, force=True)
-    assert not (target / "notes.txt").exists()
-    load_model(target)
+    assert load_model(target)[0].config.quantization
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -78,8 +78,10 @@ def model_dir(tiny_model_dir: Callable[..., Path]) -> Path:
 def serve(model: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[Any, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # No other local model: /v1/models lists exactly the one served.
+    empty = {"QWEN_MLX_HOME": str(log_dir / "home"), "HF_HOME": str(log_dir / "hf")}
     process = start_server(["serve", "--model", str(model), "--port", str(port), *extra], f"{url}/health",
-                           log_dir / f"serve-{port}.log", env=env)
+                           log_dir / f"serve-{port}.log", env={**empty, **(env or {})})
     return process, url
 
 
@@ -584,7 +586,8 @@ def test_concurrent_streams_are_decoded_together_each_as_alone(batch_server: str
         assert results[i]["text"] == expected, requests[i]
     jsonschema.validate(json.loads(results[2]["text"]), PERSON)
     # Every stream had its first token before any of them finished: they ran together, not one after another.
-    assert max(r["first"] for r in results.values()) < min(r["done"] for r in results.values())
+    # (Not counting the one cut short by its stop string: its prompt is cached, so it may be done in a step.)
+    assert max(r["first"] for r in results.values()) < min(r["done"] for i, r in results.items() if i != 3)
     state = wait_idle(batch_server)
     assert state["max_batch"] == 4 and state["active"] == 0
 

@@ -6,6 +6,7 @@ be sampled (so a reply runs until max tokens or Stop), slowed by QWEN_MLX_TOKEN_
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from servers import free_port, start_server, stop_server
 
 TOKEN_DELAY = 0.02  # seconds per model step in the server under test
 CONTEXT = 4096  # the test model's context: an unstopped reply would run for over a minute
-STATS = re.compile(r"prompt (\d+) tokens \((\d+) prefilled\) · reply (\d+) tokens")
+STATS = re.compile(r"prompt (\d+) tokens \((\d+) from cache\) · reply (\d+) tokens")
 
 
 def write_test_model(folder: Path, context: int) -> Path:
@@ -40,13 +41,15 @@ def write_test_model(folder: Path, context: int) -> Path:
     return folder
 
 
-def start_webui(model: Path, home: Path, token_delay: float, port: int | None = None) -> tuple[Any, str]:
+def start_webui(model: Path, home: Path, token_delay: float, port: int | None = None,
+                extra_args: tuple[str, ...] = ()) -> tuple[Any, str]:
     """`qwen-mlx webui` on `port` (default: a free one); the process and its URL once it answers."""
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}/"
     process = start_server(
-        ["webui", "--model", str(model), "--port", str(port), "--max-queue", "8"], url, home / f"server-{port}.log",
+        ["webui", "--model", str(model), "--port", str(port), "--max-queue", "8", *extra_args], url,
+        home / f"server-{port}.log",
         env={"QWEN_MLX_HOME": str(home), "QWEN_MLX_TOKEN_DELAY": str(token_delay), "GRADIO_ANALYTICS_ENABLED": "False"},
     )
     return process, url
@@ -57,11 +60,24 @@ def texts(chat: list[dict[str, Any]]) -> list[str]:
     return ["".join(part.get("text", "") for part in m["content"]) for m in chat]
 
 
+def footers(outputs: tuple[Any, ...] | list[Any]) -> list[str]:
+    """The line under each Chatbot row (statistics, notes), which the page draws outside the message's markdown:
+    the endpoints' fourth output."""
+    return [row["footer"] for row in json.loads(outputs[3])]
+
+
 def reply_stats(text: str) -> tuple[int, int, int]:
-    """(prompt tokens, prefilled tokens, reply tokens) from the statistics line under a reply."""
+    """(prompt tokens, prompt tokens computed, reply tokens) from the statistics line under a reply."""
     match = STATS.search(text)
     assert match, f"no statistics under the reply: {text[-300:]!r}"
-    return int(match[1]), int(match[2]), int(match[3])
+    prompt, cached, generated = int(match[1]), int(match[2]), int(match[3])
+    return prompt, prompt - cached, generated
+
+
+def unmath(text: str) -> str:
+    """A reply's text with the page's math markup undone: `$x$` is sent as `\\(x\\)`, so a streamed reply may
+    change there when the closing `$` arrives."""
+    return text.replace("\\(", "$").replace("\\)", "$")
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +97,18 @@ def client(url: str) -> Any:
 
 def test_reply_streams_in_growing_updates_and_ends_with_statistics(server: tuple[str, Path]) -> None:
     job = client(server[0]).submit("Hello there", max_tokens=40, api_name="/send")
-    replies = [texts(update[0])[-1] for update in job if len(update[0]) == 2]
-    final = texts(job.result()[0])
+    replies = [unmath(texts(update[0])[-1]) for update in job if len(update[0]) == 2]
+    result = job.result()
+    final = texts(result[0])
     assert final[0] == "Hello there"
-    streamed = [r for r in replies if "prompt" not in r and r != "…"]
+    placeholders = ("…", "*Waiting for the model", "*Reading the prompt")
+    streamed = [r for r in replies if r and not r.startswith(placeholders)]
     assert len(streamed) >= 3, "the reply arrived in one piece, not streamed"
     assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:], strict=False)), "updates must only grow"
-    prompt, prefilled, generated = reply_stats(final[1])
+    prompt, prefilled, generated = reply_stats(footers(result)[1])
     assert generated == 40 and prefilled == prompt
-    assert "max tokens reached" in final[1]
+    assert "max tokens reached" in footers(result)[1]
+    assert "prompt" not in final[1], "the statistics are not part of the message"
 
 
 def test_cancel_stops_the_generation_loop_and_the_next_request_is_served_at_once(server: tuple[str, Path]) -> None:
@@ -106,24 +125,25 @@ def test_cancel_stops_the_generation_loop_and_the_next_request_is_served_at_once
 
     # Another session's request: the worker runs one generation at a time, so this reply comes at once only if
     # the cancelled generation's loop stopped.
-    other = texts(client(server[0]).predict("Anyone there?", max_tokens=5, api_name="/send")[0])
+    other = footers(client(server[0]).predict("Anyone there?", max_tokens=5, api_name="/send"))
     assert time.monotonic() - started < 5
     assert reply_stats(other[1])[2] == 5
 
     # The stopped reply keeps what was generated, with its statistics.
-    chat = texts(c.predict("And now?", max_tokens=5, api_name="/send")[0])
-    assert len(chat) == 4 and "stopped" in chat[1]
-    _, _, generated = reply_stats(chat[1])
+    outputs = c.predict("And now?", max_tokens=5, api_name="/send")
+    lines = footers(outputs)
+    assert len(texts(outputs[0])) == 4 and "stopped" in lines[1]
+    _, _, generated = reply_stats(lines[1])
     assert generated < (time.monotonic() - started + 2) / TOKEN_DELAY < CONTEXT, "the cancelled reply went on"
-    assert reply_stats(chat[3])[2] == 5
+    assert reply_stats(lines[3])[2] == 5
 
 
 def test_follow_up_turn_prefills_only_what_is_new(server: tuple[str, Path]) -> None:
     c = client(server[0])
-    first = texts(c.predict("What is the capital of France?", max_tokens=8, api_name="/send")[0])
+    first = footers(c.predict("What is the capital of France?", max_tokens=8, api_name="/send"))
     prompt1, prefilled1, _ = reply_stats(first[1])
-    assert prefilled1 == prompt1
-    second = texts(c.predict("And of Italy?", max_tokens=8, api_name="/send")[0])
+    assert prefilled1 <= prompt1  # (the system prompt may come from another conversation's cached turn)
+    second = footers(c.predict("And of Italy?", max_tokens=8, api_name="/send"))
     prompt2, prefilled2, _ = reply_stats(second[3])
     # The first turn's prompt (at least) came from the conversation's cache, not from a second read.
     assert prompt2 - prefilled2 >= prompt1
@@ -136,7 +156,8 @@ def test_two_clients_see_only_their_own_conversation(server: tuple[str, Path]) -
     assert alice_chat[0] == "alice's apple" and bob_chat[0] == "bob's banana"
     assert len(bob_chat) == 2 and not any("apple" in t for t in bob_chat)
     alice_again = alice.predict(api_name="/new_chat")
-    saved_titles = [title for title, _ in alice_again[2]["choices"]]  # (chat, message box, list)
+    # (chat, message box, list): each entry of the list is labelled with its title over its date
+    saved_titles = [label.splitlines()[0] for label, _ in alice_again[2]["choices"]]
     assert "alice's apple" in saved_titles and "bob's banana" not in saved_titles
 
 
@@ -146,9 +167,9 @@ def test_prompt_longer_than_the_context_is_an_error_in_the_chat_and_the_server_g
     c = client(server[0])
     chat = texts(c.predict("x" * CONTEXT, max_tokens=5, api_name="/send")[0])  # one byte token per "x"
     assert "Error" in chat[1] and "context" in chat[1]
-    chat = texts(c.predict("short", max_tokens=5, api_name="/send")[0])
+    lines = footers(c.predict("short", max_tokens=5, api_name="/send"))
     # The failed exchange stays visible but is not sent to the model again.
-    assert reply_stats(chat[3])[0] < 100
+    assert reply_stats(lines[3])[0] < 100
 
 
 def test_a_model_that_fails_to_load_is_an_error_in_the_chat_and_the_server_goes_on(tmp_path: Path) -> None:
@@ -163,3 +184,4 @@ def test_a_model_that_fails_to_load_is_an_error_in_the_chat_and_the_server_goes_
             assert "Error" in chat[-1] and "model_type is 'llama'" in chat[-1]
     finally:
         stop_server(process)
+

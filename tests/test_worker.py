@@ -53,14 +53,18 @@ def test_requests_from_threads_without_an_mlx_stream_are_served(worker: ModelWor
     assert chunks[-1].finish_reason == "length"
 
 
-def test_a_session_reuses_its_own_cache_and_not_anothers(worker: ModelWorker) -> None:
-    first = [{"role": "user", "content": "one two three"}]
-    stats = drain(worker.submit("s1", first, temperature=0, max_tokens=4))[-1].stats
-    again = drain(worker.submit("s1", first, temperature=0, max_tokens=4))[-1].stats
-    other = drain(worker.submit("s2", first, temperature=0, max_tokens=4))[-1].stats
-    assert stats.prefilled_tokens == stats.prompt_tokens
-    assert again.prefilled_tokens == 1  # the same prompt again: only its last token is recomputed
-    assert other.prefilled_tokens == other.prompt_tokens
+def test_a_session_reuses_its_turn_and_another_starts_from_the_shared_prefix(folder: Path) -> None:
+    worker = ModelWorker(lambda: qwen_mlx.load(folder))
+    try:
+        first = [{"role": "user", "content": "one two three"}]
+        stats = drain(worker.submit("s1", first, temperature=0, max_tokens=4))[-1].stats
+        again = drain(worker.submit("s1", first, temperature=0, max_tokens=4))[-1].stats
+        other = drain(worker.submit("s2", first, temperature=0, max_tokens=4))[-1].stats
+        assert stats.prefilled_tokens == stats.prompt_tokens
+        assert again.prefilled_tokens == 1  # the same prompt again: only its last token is recomputed
+        assert other.prefilled_tokens == 1  # another conversation, the same prompt: computed once, shared
+    finally:
+        worker.close()
 
 
 def test_cancel_ends_the_job_and_the_worker_goes_on(worker: ModelWorker) -> None:
@@ -88,22 +92,28 @@ def test_a_failed_load_is_reported_to_every_request() -> None:
     worker.close()
 
 
-def test_anonymous_requests_pick_the_cache_of_their_conversation(folder: Path) -> None:
+def test_conversations_share_their_common_prefix_and_keep_their_own_turns(folder: Path) -> None:
     """API clients send no session, only the whole conversation: each continues the cache it extends, and two
-    conversations that share only a system prompt keep a cache each instead of trimming each other's."""
-    worker = ModelWorker(lambda: qwen_mlx.load(folder), max_sessions=4)
+    conversations that share a system prompt share its KV without trimming each other's turns."""
+    worker = ModelWorker(lambda: qwen_mlx.load(folder))
     try:
         assert worker.wait_loaded(60)
         system = list(range(20, 40))
         a, b = system + list(range(50, 90)), system + list(range(100, 140))
 
-        def prefilled(prompt: list[int]) -> int:
-            return drain(worker.submit(None, prompt, temperature=0, max_tokens=3))[-1].stats.prefilled_tokens
+        def turn(prompt: list[int]) -> tuple[int, list[int]]:
+            chunks = drain(worker.submit(None, prompt, temperature=0, max_tokens=3))
+            return chunks[-1].stats.prefilled_tokens, [c.token for c in chunks if c.token is not None]
 
-        assert prefilled(a) == len(a)
-        assert prefilled(b) == len(b)  # a new cache: reusing a's would have thrown a's conversation away
-        assert prefilled(a + [7, 8, 9]) <= 3 + 3  # a's cache is intact: only the new tokens (and a's reply) run
-        assert prefilled(b + [7, 8, 9]) <= 3 + 3
+        prefilled_a, reply_a = turn(a)
+        prefilled_b, reply_b = turn(b)
+        assert prefilled_a == len(a)
+        assert prefilled_b == len(b) - len(system)  # the system prompt came from a's turn
+        # Each conversation's next turn finds its own turn whole: only its last reply token and the new ones run.
+        assert turn(a + reply_a + [7, 8, 9])[0] == 4
+        assert turn(b + reply_b + [7, 8, 9])[0] == 4
+        stats = worker.cache_stats()
+        assert (stats.hits, stats.misses, stats.ram_entries) == (3, 1, 2)  # the next turns took their turns
     finally:
         worker.close()
 

@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.commands.flags import add_server_arguments, check_server_arguments, start_worker
+from qwen_mlx.commands.flags import add_server_arguments, check_server_arguments, follow, parallel_group, start_worker
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
 
@@ -47,21 +47,25 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def run(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry
     auth = parse_auth(args.auth)
+    parallel = parallel_group(args)
+    if parallel is not None and not parallel.leads:
+        return follow(args, parallel)
     cache = check_server_arguments(args, "--auth", guarded=auth is not None)
     home = data_home()
     model_name = "demo model (random weights)" if args.demo else args.model
-    worker = start_worker(args, cache, model_name)
+    worker = start_worker(args, cache, model_name, parallel)
     worker.wait_loaded()
 
-    from qwen_mlx.webui.app import CSS, build_app
+    from qwen_mlx.webui.app import CSS, HEAD, build_app
     from qwen_mlx.webui.conversations import ConversationStore
 
     page = build_app(worker, ConversationStore(home / "conversations"), model_name=model_name, demo=args.demo,
                      browser_secret=browser_secret(home))
     page.queue(max_size=args.max_queue)
     try:
-        page.launch(server_name=args.host, server_port=args.port, auth=auth, ssr_mode=False, css=CSS,
-                    footer_links=["api", "settings"], prevent_thread_lock=True)
+        # No "settings" footer link: Gradio's developer settings panel is not for the people chatting.
+        page.launch(server_name=args.host, server_port=args.port, auth=auth, ssr_mode=False, css=CSS, head=HEAD,
+                    footer_links=["api"], prevent_thread_lock=True, max_file_size="20mb")
     except OSError:
         raise QwenMLXError(f"cannot listen on {args.host}:{args.port}; pick another --port") from None
     # On Ctrl-C uvicorn waits for open connections to close, and API clients keep a heartbeat open: not long.

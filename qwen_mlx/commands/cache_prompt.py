@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from qwen_mlx.cache import PromptCache, save_prompt_cache
 from qwen_mlx.commands.flags import add_cache_arguments, add_model_argument, cache_settings
-from qwen_mlx.commands.terminal import PrefillProgress, interrupt_cancels, load_with_status, model_shape
+from qwen_mlx.commands.terminal import (
+    PrefillProgress,
+    interrupt_cancels,
+    load_with_status,
+    prompt_cache_metadata,
+    read_text,
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,7 +31,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     settings = cache_settings(args)
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text = read_text(args.prompt)
     model, tokenizer = load_with_status(args.model, args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": text}
@@ -41,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
         if not done:
             raise KeyboardInterrupt
-    meta = {"model": args.model, "model_shape": model_shape(model), "messages": json.dumps(messages),
-            "context": str(model.config.context_length)}
+    meta = {**prompt_cache_metadata(args.model, model, messages), "context": str(model.config.context_length)}
     save_prompt_cache(args.output, prompt_cache, meta)
     print(f"Saved {len(ids)} tokens of prompt cache to {args.output} ({prompt_cache.nbytes / 1e6:.1f} MB)",
           file=sys.stderr)

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from qwen_mlx.commands.flags import add_model_argument, add_sampling_arguments
-from qwen_mlx.commands.terminal import load_for_replies, print_stats, read_document, start_messages, stream_reply
+from qwen_mlx.commands.flags import (
+    add_model_argument,
+    add_parallel_argument,
+    add_sampling_arguments,
+    follow,
+    parallel_group,
+)
+from qwen_mlx.commands.terminal import (
+    load_for_replies,
+    print_stats,
+    read_document,
+    start_messages,
+    start_terminal_worker,
+    stream_reply,
+    stream_worker_reply,
+)
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.generate import GenerationStats
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("chat", help="multi-turn chat in the terminal")
     add_model_argument(parser)
+    add_parallel_argument(parser)
     parser.add_argument("--system", help="system prompt (default: the model's own)")
     parser.add_argument("--prompt-cache", help="start from a prompt cache saved by `qwen-mlx cache-prompt`")
     parser.add_argument("--file", "-f", action="append", default=[], metavar="PATH",
@@ -27,8 +44,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     documents = [read_document(path) for path in args.file]  # a missing file fails before the model loads
+    parallel = parallel_group(args)
+    if parallel is not None and not parallel.leads:
+        return follow(args, parallel)
+    if parallel is not None:
+        worker = start_terminal_worker(args, parallel)
+        start = [{"role": "system", "content": args.system}] if args.system else []
+
+        def reply(messages: list[dict[str, Any]]) -> tuple[str, GenerationStats]:
+            return stream_worker_reply(worker, messages, args)
+
+        try:
+            return converse(reply, start, documents, args.verbose)
+        finally:
+            worker.close()
     model, tokenizer, draft = load_for_replies(args)
     prompt_cache, start = start_messages(args, model)
+    return converse(lambda messages: stream_reply(model, tokenizer, messages, args, prompt_cache, draft), start,
+                    documents, args.verbose)
+
+
+def converse(reply: Callable[[list[dict[str, Any]]], tuple[str, GenerationStats]], start: list[dict[str, Any]],
+             documents: list[str], verbose: bool) -> int:
+    """The chat loop over `reply` (messages → the reply's text and stats, streamed to stdout); `documents` go
+    with the first message."""
     messages = list(start)
     print("Chat with the model. /file PATH adds a document, /clear starts over, /exit (or Ctrl-D) quits; Ctrl-C "
           "stops a reply.", file=sys.stderr)
@@ -40,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as e:
+            print(f"qwen-mlx: error: that line is not valid UTF-8 (byte {e.start}); type it again", file=sys.stderr)
+            continue
         command = line.strip()
         if not command:
             continue
@@ -56,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": "\n\n".join([*documents, line])})
         try:
-            reply, stats = stream_reply(model, tokenizer, messages, args, prompt_cache, draft)
+            text, stats = reply(messages)
         except KeyboardInterrupt:
             # Ctrl-C stops this reply, not the chat; the half reply is dropped from the conversation.
             print("\n[stopped]", file=sys.stderr)
@@ -67,6 +109,6 @@ def run(args: argparse.Namespace) -> int:
             messages.pop()
             continue
         documents = []  # they are in the conversation now
-        messages.append({"role": "assistant", "content": reply})
-        if args.verbose:
+        messages.append({"role": "assistant", "content": text})
+        if verbose:
             print_stats(stats)

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.nn as nn
 from tqdm import tqdm
 
-from qwen_mlx.cache import PromptCache, load_prompt_cache
+from qwen_mlx.cache import PromptCache, check_prompt_cache, load_prompt_cache
 from qwen_mlx.commands.flags import (
     cache_options,
     cache_settings,
@@ -24,11 +24,29 @@ from qwen_mlx.commands.flags import (
     load_for_context,
     sampling_options,
     speculation_options,
+    start_worker,
 )
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationStats, stream_generate
+from qwen_mlx.parallel import Parallel
+from qwen_mlx.request import check_text
 from qwen_mlx.speculative import DraftModel, load_draft
 from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.worker import ModelWorker
+
+
+def read_text(value: str, flag: str = "--prompt") -> str:
+    """A flag's text: itself, or stdin for "-"; empty or undecodable text is refused by name."""
+    if value == "-":
+        try:
+            value = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise QwenMLXError(f"{flag} -: stdin is not valid UTF-8 (byte {e.start}); convert it, e.g. with iconv") \
+                from None
+    if not value.strip():
+        raise QwenMLXError(f"{flag} is empty; give the text (or '-' to read it from stdin)")
+    check_text(flag, value, "prompt")
+    return value
 
 
 def load_with_status(name: str, args: argparse.Namespace) -> tuple[nn.Module, Tokenizer]:
@@ -128,20 +146,41 @@ def model_shape(model: nn.Module) -> str:
     return f"{c.num_hidden_layers}x{c.num_key_value_heads}x{c.head_dim}/{c.vocab_size}"
 
 
+def prompt_cache_metadata(model_name: str, model: nn.Module, messages: list[dict[str, Any]]) -> dict[str, str]:
+    """What `cache-prompt` records beside the arrays, so a later run can check they belong to its model."""
+    return {"model": model_name, "model_shape": model_shape(model), "model_fingerprint": model.fingerprint or "",
+            "messages": json.dumps(messages)}
+
+
 def read_prompt_cache(path: str, model: nn.Module) -> tuple[PromptCache, list[dict[str, Any]]]:
-    """A saved prompt cache and the messages behind it, checked against the model it will run with."""
+    """A saved prompt cache and the messages behind it, checked against the model it will run with: its shape,
+    and its weights (a model of the same shape with other weights would read the cache as garbage)."""
     prompt_cache, meta = load_prompt_cache(path)
+    made_with = meta.get("model")
     if meta.get("model_shape") != model_shape(model):
-        raise QwenMLXError(f"{path}: this prompt cache was made with another model ({meta.get('model')})")
+        raise QwenMLXError(f"{path}: this prompt cache was made with another model ({made_with})")
+    if meta.get("model_fingerprint") != (model.fingerprint or ""):
+        raise QwenMLXError(f"{path}: this prompt cache was made with other weights ({made_with}) of the same shape; "
+                           "make it again with `qwen-mlx cache-prompt` for this model")
+    check_prompt_cache(prompt_cache, model, path)
     if prompt_cache.rope_scaled and model.config.yarn_switch is None:
         raise QwenMLXError(f"{path}: this prompt cache holds a context encoded with YaRN on demand; pass the "
                            f"--context it was made with ({meta.get('context', 'e.g. 131072')})")
-    return prompt_cache, json.loads(meta.get("messages", "[]"))
+    try:
+        messages = json.loads(meta.get("messages", "[]"))
+    except ValueError:
+        messages = None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise QwenMLXError(f"{path}: a damaged prompt cache (its messages); write it again")
+    return prompt_cache, messages
 
 
 def start_messages(args: argparse.Namespace, model: nn.Module) -> tuple[PromptCache, list[dict[str, Any]]]:
     """The conversation's cache and first messages: from --prompt-cache, else empty; --system replaces any."""
     if args.prompt_cache:
+        if args.max_kv_size is not None or args.kv_bits is not None:
+            raise QwenMLXError("--prompt-cache keeps the cache it was saved with; drop --max-kv-size / --kv-bits, or "
+                               "save a new one with `qwen-mlx cache-prompt --max-kv-size ...`")
         prompt_cache, messages = read_prompt_cache(args.prompt_cache, model)
     else:
         prompt_cache, messages = PromptCache.new(model, cache_settings(args)), []
@@ -173,3 +212,33 @@ def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict[str
             progress.close()
     print(flush=True)
     return "".join(parts), stats
+
+
+def start_terminal_worker(args: argparse.Namespace, parallel: Parallel) -> ModelWorker:
+    """Rank 0's model worker for a terminal command on a model split over processes (the others `follow` it)."""
+    settings = cache_settings(args)
+    check_speculation_arguments(args)
+    print(f"Loading {args.model} over {parallel.size} processes ({parallel.mode} parallel) ...", file=sys.stderr,
+          flush=True)
+    worker = start_worker(args, settings, args.model, parallel)
+    worker.wait_loaded()
+    return worker
+
+
+def stream_worker_reply(worker: ModelWorker, messages: list[dict[str, Any]],
+                        args: argparse.Namespace) -> tuple[str, GenerationStats]:
+    """`stream_reply` through a model worker; Ctrl-C cancels the reply (within a token) and is raised again."""
+    job = worker.submit("terminal", messages, **sampling_options(args))
+    parts = []
+    try:
+        while True:
+            chunk = job.get()
+            print(chunk.text, end="", flush=True)
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                print(flush=True)
+                return "".join(parts), chunk.stats
+    except KeyboardInterrupt:
+        job.cancel()
+        job.done.wait()
+        raise

@@ -1,0 +1,280 @@
+"""The process-wide prefix cache: shared prefixes across conversations, RAM and disk tiers that survive a restart,
+checkpoints for rotating caches, replies kept as the ids they were generated as — and replies token for token
+the same as without any of it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hf_models import save_tiny_qwen2
+from servers import free_port, start_server, stop_server
+
+import qwen_mlx
+from qwen_mlx import CacheSettings, PromptCache
+from qwen_mlx.prefix_cache import DiskTier, PrefixCache, ReplyMemory, read_tokens, settings_tag
+
+GREEDY = {"temperature": 0, "repetition_penalty": 1.0, "max_tokens": 12}
+SYSTEM = list(range(30, 130))  # a 100-token system prompt, or document
+Loaded = tuple[Any, qwen_mlx.Tokenizer]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny"), seed=4, hidden_size=128, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder: Path) -> Loaded:
+    """The model with no end-of-turn id: every reply runs to max_tokens, so the turns' lengths are known."""
+    model, tokenizer = qwen_mlx.load(tiny_folder)
+    tokenizer.eos_token_ids = []
+    return model, tokenizer
+
+
+def run(tiny: Loaded, store: PrefixCache, prompt: list[int], **kwargs: Any) -> qwen_mlx.GenerationResult:
+    """One request through `store`, as the worker runs it: acquire a cache, generate, release the turn."""
+    cache = store.acquire(prompt)
+    result = qwen_mlx.generate(*tiny, prompt, prompt_cache=cache, **{**GREEDY, **kwargs})
+    store.release(cache)
+    return result
+
+
+def fresh(tiny: Loaded, prompt: list[int], **kwargs: Any) -> qwen_mlx.GenerationResult:
+    return qwen_mlx.generate(*tiny, prompt, **{**GREEDY, **kwargs})
+
+
+def disk_tier(model: Any, folder: Path, settings: CacheSettings | None = None,
+              max_bytes: int = 1 << 30) -> DiskTier:
+    tag = settings_tag(settings or CacheSettings())
+    return DiskTier(folder / model.fingerprint / tag, model.fingerprint, tag, max_bytes)
+
+
+def test_two_conversations_share_a_system_prompt_and_keep_their_own_turns(tiny: Loaded) -> None:
+    model, _ = tiny
+    store = PrefixCache(model, CacheSettings(), ram_bytes=1 << 30)
+    a, b = SYSTEM + [200, 201, 202], SYSTEM + [210, 211]
+    first_a = run(tiny, store, a)
+    first_b = run(tiny, store, b)
+    assert first_a.stats.prefilled_tokens == len(a)
+    assert first_b.stats.prefilled_tokens == len(b) - len(SYSTEM)  # the system prompt computed once
+    assert first_b.tokens == fresh(tiny, b).tokens
+    next_a = a + first_a.tokens + [220, 221]
+    again_a = run(tiny, store, next_a)
+    assert again_a.stats.prefilled_tokens == 3  # a's turn is whole: its last reply token and the new message
+    assert again_a.tokens == fresh(tiny, next_a).tokens
+    stats = store.snapshot()
+    assert (stats.hits, stats.misses, stats.reused_tokens) == (2, 1, len(SYSTEM) + len(next_a) - 3)
+
+
+def test_ram_is_bounded_and_what_leaves_it_is_found_on_disk(tiny: Loaded, tmp_path: Path) -> None:
+    model, _ = tiny
+    one_turn = PromptCache.new(model)
+    one_turn.prefill(model, SYSTEM)
+    store = PrefixCache(model, CacheSettings(), ram_bytes=int(one_turn.nbytes * 1.5),
+                        disk=disk_tier(model, tmp_path))
+    conversations = [SYSTEM[:40] + [250 + i] * 50 for i in range(3)]
+    replies = [run(tiny, store, c) for c in conversations]
+    stats = store.snapshot()
+    assert stats.ram_entries + stats.disk_entries == 3 and stats.disk_entries >= 1  # the oldest moved to disk
+    assert stats.ram_bytes <= one_turn.nbytes * 1.5
+    on_disk = next(i for i, c in enumerate(conversations)
+                   if any(list(tokens) == c + replies[i].tokens[:-1] for tokens, _ in store.disk.index.values()))
+    follow_up = conversations[on_disk] + replies[on_disk].tokens + [300]
+    again = run(tiny, store, follow_up)
+    assert again.stats.prefilled_tokens == 2 and store.snapshot().disk_hits == 1
+    assert again.tokens == fresh(tiny, follow_up).tokens
+
+
+def test_a_restart_resumes_a_conversation_from_disk(tiny: Loaded, tmp_path: Path) -> None:
+    model, _ = tiny
+    first_store = PrefixCache(model, CacheSettings(), ram_bytes=1 << 30, disk=disk_tier(model, tmp_path))
+    prompt = SYSTEM + [250, 251]
+    first = run(tiny, first_store, prompt)
+    first_store.flush()  # shutdown
+
+    restarted = PrefixCache(model, CacheSettings(), ram_bytes=1 << 30, disk=disk_tier(model, tmp_path))
+    follow_up = prompt + first.tokens + [260, 261, 262]
+    again = run(tiny, restarted, follow_up)
+    assert again.stats.prefilled_tokens == 4
+    assert again.tokens == fresh(tiny, follow_up).tokens
+
+
+def test_a_cache_of_another_model_or_setting_is_never_applied(tiny: Loaded, tmp_path: Path) -> None:
+    model, _ = tiny
+    store = PrefixCache(model, CacheSettings(), ram_bytes=1 << 30, disk=disk_tier(model, tmp_path))
+    run(tiny, store, SYSTEM + [1])
+    store.flush()
+    other = qwen_mlx.load(save_tiny_qwen2(tmp_path / "other", seed=9, hidden_size=128, intermediate_size=256))
+    assert other[0].fingerprint != model.fingerprint  # the same shape, other weights
+    theirs = PrefixCache(other[0], CacheSettings(), ram_bytes=1 << 30, disk=disk_tier(other[0], tmp_path))
+    assert run(other, theirs, SYSTEM + [1]).stats.prefilled_tokens == len(SYSTEM) + 1
+    quantized = CacheSettings(kv_bits=8, kv_group_size=32)
+    ours_quantized = PrefixCache(model, quantized, ram_bytes=1 << 30, disk=disk_tier(model, tmp_path, quantized))
+    assert run(tiny, ours_quantized, SYSTEM + [1], kv_bits=8, kv_group_size=32).stats.prefilled_tokens == \
+        len(SYSTEM) + 1
+    # A file planted in the right folder with another fingerprint inside is skipped, not read.
+    ours = disk_tier(model, tmp_path)
+    planted = next(iter(ours.index))
+    arrays, meta = qwen_mlx.load_prompt_cache(planted)
+    qwen_mlx.save_prompt_cache(planted, arrays, {**meta, "fingerprint": "f" * 32})
+    assert DiskTier(ours.folder, ours.fingerprint, ours.tag, 1 << 30).read(planted) is None
+
+
+def test_a_wrapped_rotating_cache_resumes_from_the_last_turns_checkpoint(tiny: Loaded) -> None:
+    """Once it wraps it cannot be trimmed: regenerate, edit and the next turn start from the checkpoint each
+    finished turn left, and regenerate gives the very reply the turn gave the first time."""
+    model, _ = tiny
+    settings = CacheSettings(max_kv_size=48, keep=4)
+    store = PrefixCache(model, settings, ram_bytes=1 << 30)
+    turn1 = SYSTEM[:60]
+    reply1 = run(tiny, store, turn1, max_kv_size=48)
+    turn2 = turn1 + reply1.tokens + [230, 231, 232]
+    reply2 = run(tiny, store, turn2, max_kv_size=48)
+    assert reply2.stats.prefilled_tokens == 4
+    regenerated = run(tiny, store, turn2, max_kv_size=48)
+    assert regenerated.stats.prefilled_tokens == 4  # from turn 1's checkpoint, not the whole 75 again
+    assert regenerated.tokens == reply2.tokens
+    edited = turn1 + reply1.tokens + [240, 241]
+    assert run(tiny, store, edited, max_kv_size=48).stats.prefilled_tokens == 3
+
+
+def test_a_file_a_killed_writer_left_is_never_read_as_a_cache(tiny: Loaded, tiny_folder: Path,
+                                                              tmp_path: Path) -> None:
+    model, _ = tiny
+    folder = disk_tier(model, tmp_path).folder
+    writer = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        import mlx.core as mx
+        import qwen_mlx
+        from qwen_mlx.prefix_cache import DiskTier
+        model, _ = qwen_mlx.load({str(tiny_folder)!r})
+        save = mx.save_safetensors
+        def slow(path, arrays, metadata):
+            save(path, arrays, metadata)
+            with open(path, "r+b") as f:
+                f.truncate(f.seek(0, 2) // 2)  # half written ...
+            Path({str(tmp_path / "started")!r}).touch()
+            time.sleep(60)  # ... when the kill comes
+        mx.save_safetensors = slow
+        cache = qwen_mlx.PromptCache.new(model)
+        cache.prefill(model, list(range(1, 200)))
+        DiskTier(Path({str(folder)!r}), model.fingerprint, "full", 1 << 30).write(cache)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", writer])
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists():
+            assert time.monotonic() < deadline and process.poll() is None, "the writer did not get going"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        process.kill()
+    leftovers = list(folder.iterdir())
+    assert leftovers and all(p.name.startswith(".") for p in leftovers)  # only the temporary file
+    assert all(read_tokens(p) is None for p in leftovers)
+    assert DiskTier(folder, model.fingerprint, "full", 1 << 30).index == {}
+
+
+def test_a_reply_resent_as_text_matches_the_ids_it_was_generated_as(tiny: Loaded) -> None:
+    model, tokenizer = tiny
+    messages = [{"role": "user", "content": "Tell me about the mill."}]
+    first = qwen_mlx.generate(model, tokenizer, messages, **GREEDY)
+    memory = ReplyMemory()
+    memory.remember(first.text, first.tokens)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=True)
+    follow_up = [*messages, {"role": "assistant", "content": first.text,
+                             "token_ids": memory.ids_for(first.text)}, {"role": "user", "content": "And then?"}]
+    ids = tokenizer.apply_chat_template(follow_up, tokenize=True)
+    assert ids[: len(prompt) + len(first.tokens)] == prompt + first.tokens
+    # Ids that do not spell the content are not used: the text is tokenized as it is.
+    wrong = [*messages, {"role": "assistant", "content": first.text, "token_ids": [5, 6]}]
+    assert tokenizer.apply_chat_template(wrong, tokenize=True) == tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": first.text}], tokenize=True)
+
+
+# --- through the server ---
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+def serve(model: Path, home: Path, log: Path) -> tuple[Any, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    return start_server(["serve", "--model", str(model), "--port", str(port)], f"{url}/health", log,
+                        env={"QWEN_MLX_HOME": str(home)}), url
+
+
+@pytest.fixture(scope="module")
+def served_model(tiny_model_dir: Callable[..., Path]) -> Path:
+    return tiny_model_dir("tiny-qwen", max_position_embeddings=1024)
+
+
+def chat(url: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                          json={"model": "tiny-qwen", "messages": messages, "max_tokens": 10, "temperature": 0})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_after_a_server_restart_a_conversation_prefills_only_the_new_message(served_model: Path, home: Path,
+                                                                            tmp_path: Path) -> None:
+    messages = [{"role": "system", "content": "You are a careful archivist. " * 20},
+                {"role": "user", "content": "What is in the first box?"}]
+    process, url = serve(served_model, home, tmp_path / "first.log")
+    try:
+        first = chat(url, messages)
+    finally:
+        stop_server(process)  # SIGTERM: a clean shutdown writes the caches and the replies' ids
+    process, url = serve(served_model, home, tmp_path / "second.log")
+    try:
+        follow_up = [*messages, {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                     {"role": "user", "content": "And the second?"}]
+        second = chat(url, follow_up)
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        # All of the first turn came from the cache (its last reply token aside, never run through the model):
+        # only the new message and the template's markers around it were computed.
+        assert cached >= first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"] - 1
+        health = httpx.get(f"{url}/health").json()["prefix_cache"]
+        assert health["disk_hits"] == 1 and health["hits"] == 1
+    finally:
+        stop_server(process)
+
+
+def test_health_reports_the_prefix_cache(served_model: Path, home: Path, tmp_path: Path) -> None:
+    process, url = serve(served_model, tmp_path / "fresh-home", tmp_path / "serve.log")
+    try:
+        chat(url, [{"role": "user", "content": "hi"}])
+        chat(url, [{"role": "user", "content": "hi"}])
+        stats = httpx.get(f"{url}/health").json()["prefix_cache"]
+        assert stats["hits"] == 1 and stats["misses"] == 1 and stats["ram_entries"] == 1 and stats["ram_bytes"] > 0
+    finally:
+        stop_server(process)
+
+
+def test_regenerating_a_first_turn_that_wrapped_the_rotating_cache_starts_from_its_prompt(
+    served_model: Path, tmp_path: Path
+) -> None:
+    prompt = [{"role": "user", "content": "tick tock " * 60}]  # past a 64-position window within the prompt
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_server(["serve", "--model", str(served_model), "--port", str(port), "--max-kv-size", "64"],
+                           f"{url}/health", tmp_path / "serve.log", env={"QWEN_MLX_HOME": str(tmp_path / "home")})
+    try:
+        first, again = chat(url, prompt), chat(url, prompt)
+        assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+    finally:
+        stop_server(process)
