@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,10 +48,17 @@ class BaseCache(ABC):
     (`trim`, `is_trimmable`), saving (`state` / `from_state`), size (`nbytes`) and a fresh copy (`empty`)."""
 
     offset: int
+    # YaRN on demand: the keys were rotated with the long RoPE (see `PromptCache.fit_rope`); a new cache is plain.
+    rope_scaled: bool = False
 
     @abstractmethod
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
         """Store the new positions' keys and values; return every position the next attention sees."""
+
+    def wants_long_rope(self, positions: int, switch: int) -> bool:
+        """Whether a sequence of `positions` kept here needs YaRN on demand's long RoPE: once it holds more than
+        the original context of `switch` positions."""
+        return positions > switch
 
     @abstractmethod
     def make_mask(self, length: int) -> Mask:
@@ -297,6 +305,12 @@ class RotatingKVCache(BaseCache):
     def is_trimmable(self) -> bool:
         return self.offset < self.max_size
 
+    def wants_long_rope(self, positions: int, switch: int) -> bool:
+        # A window no wider than the original context never puts two positions further apart than pretraining
+        # did: plain RoPE stays in distribution however far the positions count (and evicted tokens could not be
+        # re-encoded anyway).
+        return self.max_size > switch and positions > switch
+
     def trim(self, n: int) -> int:
         n = super().trim(n)
         self._idx -= n
@@ -392,6 +406,22 @@ class RowsCache:
         return None
 
 
+def settle_rope(caches: list[LayerCache], length: int, switch: int) -> None:
+    """Before `length` new positions go into `caches` (one per layer) of a model with YaRN on demand: a new cache
+    that they take past the original context (`switch` positions) starts with the long RoPE, as a static-YaRN run
+    would; a cache already holding plain-RoPE positions cannot be taken past it here (`PromptCache.fit_rope`
+    re-encodes it first, from the tokens it keeps)."""
+    rows = caches[0].rows if isinstance(caches[0], RowsCache) else [caches[0]]
+    for i, row in enumerate(rows):
+        if row.rope_scaled or not row.wants_long_rope(row.offset + length, switch):
+            continue
+        if row.offset:
+            raise ValueError(f"this cache holds {row.offset} positions under plain RoPE and {length} more take it "
+                             f"past the original context ({switch}): re-encode it first (PromptCache.fit_rope)")
+        for layer in caches:
+            (layer.rows[i] if isinstance(layer, RowsCache) else layer).rope_scaled = True
+
+
 def longest_common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading ids `a` and `b` share. Slices compare in C: a 32K-token conversation takes microseconds,
     where a Python loop over it would take milliseconds every turn."""
@@ -425,6 +455,40 @@ class PromptCache:
     def offset(self) -> int:
         return self.caches[0].offset if self.caches else 0
 
+    @property
+    def rope_scaled(self) -> bool:
+        return bool(self.caches) and self.caches[0].rope_scaled
+
+    def fit_rope(self, switch: int | None, todo: list[int], ahead: int = 0) -> list[int]:
+        """YaRN on demand: what to prefill for `todo` (what `reuse` left) with `ahead` more positions to follow.
+
+        `switch` is the model's original context (`ModelConfig.yarn_switch`; None: one RoPE, nothing to do). A
+        sequence that fits it runs plain RoPE, one that outgrows it runs YaRN over every position, as a
+        static-YaRN run would. Since the long RoPE changes every layer's hidden states, keys and values of other
+        layers cannot be rotated over: when the sequence's length calls for the other RoPE than the caches hold,
+        they are emptied and switched, and the tokens they held come first in what is returned, to be computed
+        again (one re-encode of the context, once per conversation).
+        """
+        if switch is None or not self.caches:
+            return todo
+        scaled = self.caches[0].wants_long_rope(self.offset + len(todo) + ahead, switch)
+        if scaled == self.rope_scaled:
+            return todo
+        held, self.tokens = self.tokens, []
+        self.caches = [c.empty() for c in self.caches]
+        for c in self.caches:
+            c.rope_scaled = scaled
+        return held + todo
+
+    def plain_room(self, switch: int | None) -> int | None:
+        """Positions this cache may still take under plain RoPE before YaRN on demand needs the re-encode; None:
+        no switch ahead."""
+        if switch is None or not self.caches or self.rope_scaled:
+            return None
+        if not self.caches[0].wants_long_rope(switch + 1, switch):
+            return None
+        return switch - self.offset
+
     def is_trimmable(self) -> bool:
         return all(c.is_trimmable() for c in self.caches)
 
@@ -441,8 +505,10 @@ class PromptCache:
         return [a for c in self.caches for a in c.state()[0].values()]
 
     def prefill(self, model: nn.Module, tokens: list[int], step_size: int = 512,
-                cancel: threading.Event | None = None) -> bool:
-        """Run `tokens` through `model` into these caches, `step_size` at a time so activations stay bounded.
+                cancel: threading.Event | None = None,
+                on_progress: Callable[[int, int], None] | None = None) -> bool:
+        """Run `tokens` through `model` into these caches, `step_size` at a time so activations stay bounded;
+        `on_progress(done, total)` hears of each chunk.
 
         Returns False if `cancel` was set between two chunks (a long prompt can take minutes on a CPU); the caches
         then hold the chunks done so far, and `tokens` says which.
@@ -451,6 +517,8 @@ class PromptCache:
             if cancel is not None and cancel.is_set():
                 return False
             mx.eval(self.run_chunk(model, tokens[start : start + step_size]))
+            if on_progress is not None:
+                on_progress(min(start + step_size, len(tokens)), len(tokens))
         return True
 
     def reuse(self, prompt: list[int]) -> list[int]:
@@ -488,7 +556,7 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, metadata: dic
     for i, cache in enumerate(prompt_cache.caches):
         state, meta = cache.state()
         arrays.update({f"layers.{i}.{name}": a for name, a in state.items()})
-        layers.append({"type": type(cache).__name__, **meta})
+        layers.append({"type": type(cache).__name__, **meta, "rope_scaled": int(cache.rope_scaled)})
     header = {
         "format": "qwen-mlx-prompt-cache",
         "layers": json.dumps(layers),
@@ -532,10 +600,12 @@ def _layer_from_state(i: int, meta: Any, arrays: dict[str, mx.array]) -> BaseCac
     if kind is None:
         raise ValueError(f"layer {i} has no known cache type")
     layer_arrays = {name[len(prefix) :]: a for name, a in arrays.items() if name.startswith(prefix)}
-    settings = {k: v for k, v in meta.items() if k != "type"}
+    settings = {k: v for k, v in meta.items() if k not in ("type", "rope_scaled")}
     if not all(type(v) is int for v in settings.values()):
         raise ValueError(f"layer {i}'s settings are not integers")
-    return kind.from_state(layer_arrays, settings)
+    cache = kind.from_state(layer_arrays, settings)
+    cache.rope_scaled = bool(meta.get("rope_scaled", 0))  # YaRN on demand: the RoPE its keys were rotated with
+    return cache
 
 
 def check_prompt_cache(prompt_cache: PromptCache, model: nn.Module, source: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # mlx-lm's block: {"group_size": 64, "bits": 4, "mode": "affine", "<layer path>": {...} | false}
     quantization: dict[str, Any] | None = None
+    # Set by `with_context` (load(..., context_length=N), --context N), never read from config.json:
+    context: int | None = None  # the positions asked for
+    # YaRN on demand: the scaling a sequence switches to once it outgrows max_position_embeddings
+    dynamic_rope_scaling: dict[str, Any] | None = None
 
     @property
     def head_dim(self) -> int:
@@ -35,11 +39,51 @@ class ModelConfig:
 
     @property
     def context_length(self) -> int:
-        """Positions the model handles: YaRN stretches the pretraining length by its factor."""
+        """Positions the model handles: what `with_context` asked for, else the pretraining length, stretched by
+        a static YaRN's factor."""
+        if self.context is not None:
+            return self.context
+        return self.native_context_length
+
+    @property
+    def native_context_length(self) -> int:
+        """Positions config.json itself gives: max_position_embeddings, stretched by its YaRN factor if it has one."""
         if self.rope_scaling is None:
             return self.max_position_embeddings
         original = self.rope_scaling.get("original_max_position_embeddings") or self.max_position_embeddings
         return max(self.max_position_embeddings, int(original * self.rope_scaling["factor"]))
+
+    @property
+    def yarn_switch(self) -> int | None:
+        """With YaRN on demand, the most positions a sequence holds under plain RoPE; None: one RoPE throughout."""
+        return self.max_position_embeddings if self.dynamic_rope_scaling is not None else None
+
+    @staticmethod
+    def check_context(length: object) -> None:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise QwenMLXError(f"context_length (--context) {length!r} must be an integer of at least 2 "
+                               f"(e.g. 131072)", "context_length")
+
+    def with_context(self, length: int) -> ModelConfig:
+        """This config for a context of `length` positions (`load(..., context_length=N)`, `--context N`).
+
+        Up to the config's own length it is a limit. Past it, a config without rope_scaling gets the Qwen2.5
+        model card's YaRN recipe (factor = length / max_position_embeddings, e.g. 131072 / 32768 = 4.0) on demand:
+        plain RoPE while a sequence fits max_position_embeddings, YaRN once it grows past (`PromptCache.fit_rope`).
+        A config that has rope_scaling keeps it, static, as transformers runs it, and cannot go past its length.
+        """
+        self.check_context(length)
+        native = self.native_context_length
+        if length <= native:
+            return replace(self, context=length)
+        if self.rope_scaling is not None:
+            raise QwenMLXError(
+                f"context_length {length}: config.json's rope_scaling gives {native} positions; ask for at most "
+                f"that, or remove rope_scaling from config.json so qwen-mlx applies YaRN on demand",
+                "context_length")
+        yarn = {"rope_type": "yarn", "factor": length / self.max_position_embeddings,
+                "original_max_position_embeddings": self.max_position_embeddings}
+        return replace(self, context=length, dynamic_rope_scaling=yarn)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -73,9 +73,11 @@ class Sequence:
 
     def __init__(self, request: GenerationRequest, cache: PromptCache, processors: list[LogitsProcessor],
                  vocab_size: int, cancel: threading.Event | None = None,
-                 on_prefill: Callable[[int, int], None] | None = None, timed: bool = True):
+                 on_prefill: Callable[[int, int], None] | None = None, timed: bool = True,
+                 yarn_switch: int | None = None):
         self.request = request
-        self.on_prefill = on_prefill  # called with (prompt tokens computed, to compute) after each prefill chunk
+        # called with (tokens computed, to compute) after each chunk of a prefill: the prompt's, or a re-encode's
+        self.on_prefill = on_prefill
         self.cache = cache
         self.processors = processors
         self.sampler = Sampler(request.sampling, request.seed)
@@ -83,10 +85,14 @@ class Sequence:
         self.speculation = None if request.speculation is None else make_speculation(
             request.speculation, cache, request.sampling, request.seed, vocab_size, request.prefill_step_size, timed)
         self.context = list(request.prompt_ids)  # prompt + reply so far: what the processors see
-        todo = cache.reuse(request.prompt_ids)
+        self.yarn_switch = yarn_switch  # YaRN on demand: the positions a sequence keeps under plain RoPE
+        reused = cache.reuse(request.prompt_ids)
+        todo = cache.fit_rope(yarn_switch, reused)
+        self.reencoded = len(todo) - len(reused)  # cached tokens computed again, under the other RoPE
         self.prefilled_tokens = len(todo)  # prompt tokens computed here; the rest came from the cache
         # All but the last prompt token are prefilled in chunks; the last one's logits give the first reply token.
         self.todo, self.feed = todo[:-1], todo[-1:]
+        self.prefill_total = len(todo)  # of the prefill under way: todo and feed as it began
         self.pending: tuple[mx.array, ...] | None = None  # the next token (and logprobs) of a step in flight
         self.generated = 0
         self.finish: str | None = None
@@ -96,6 +102,17 @@ class Sequence:
     @property
     def cancelled(self) -> bool:
         return self.cancel.is_set()
+
+    def switch_rope(self) -> bool:
+        """YaRN on demand, as decoding is about to take the context past the original length: the cache is
+        emptied and switched, and everything it held is prefilled again (chunk by chunk, between the steps of
+        other sequences, cancel checked between chunks) before the pending token goes on. True if it switched."""
+        todo = self.cache.fit_rope(self.yarn_switch, [], ahead=len(self.feed))
+        if not todo:
+            return False
+        self.todo, self.prefill_total = todo, len(todo) + len(self.feed)
+        self.reencoded += len(todo)
+        return True
 
     def remaining(self, context_length: int) -> int:
         """How many more tokens it may generate: max_tokens, and the positions left in the context."""
@@ -139,6 +156,9 @@ def speculative_round(model: nn.Module, s: Sequence, context_length: int, eos: s
     next token), with the caches trimmed back to them; None when no draft is worth verifying now."""
     spec = s.speculation
     k = min(spec.draft_length(), s.remaining(context_length) - 1)
+    room = s.cache.plain_room(s.yarn_switch)
+    if room is not None:  # drafts stop short of YaRN on demand's switch, which the next plain step makes
+        k = min(k, room - len(s.feed))
     if k <= 0:
         return None
     started = time.perf_counter()
@@ -204,7 +224,7 @@ class Decoder:
         """Start `request` in `cache`; `on_prefill(done, total)` hears how far its prompt's prefill has come."""
         vocab = self.model.config.vocab_size
         sequence = Sequence(request, cache, make_processors(request, self.tokenizer, vocab), vocab, cancel,
-                            on_prefill, self.timed)
+                            on_prefill, self.timed, self.model.config.yarn_switch)
         self.sequences.append(sequence)
         return sequence
 
@@ -238,8 +258,8 @@ class Decoder:
         mx.eval(self._prefill_in_flight)
         self._prefill_in_flight = []
         events = self._read()
+        ready = [s for s in self.decoding if s.pending is None and not s.switch_rope()]
         decoding = self.decoding
-        ready = [s for s in decoding if s.pending is None]
         if len(decoding) == 1 and ready and ready[0].speculation is not None:
             events += self._speculate(ready[0])
         elif ready:
@@ -326,5 +346,5 @@ class Decoder:
         mx.async_eval(self._prefill_in_flight)
         if joining.on_prefill is not None:
             # The last prompt token is computed with the first decode step: count it as done then.
-            joining.on_prefill(joining.prefilled_tokens - len(joining.todo) - 1, joining.prefilled_tokens)
+            joining.on_prefill(joining.prefill_total - len(joining.todo) - 1, joining.prefill_total)
         return []

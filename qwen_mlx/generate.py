@@ -34,6 +34,7 @@ class GenerationStats:
     decode_passes: int = 0  # forward passes of the model that produced reply tokens
     draft_tokens: int = 0  # speculative decoding: tokens proposed and verified
     accepted_draft_tokens: int = 0  # ... and the ones the model agreed with
+    reencoded_tokens: int = 0  # YaRN on demand: context tokens computed again when the RoPE switched
 
 
 @dataclass
@@ -150,6 +151,7 @@ class ReplyText:
             decode_passes=s.counters.passes,
             draft_tokens=s.counters.drafted,
             accepted_draft_tokens=s.counters.accepted,
+            reencoded_tokens=s.reencoded,
         )
 
 

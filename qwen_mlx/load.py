@@ -13,6 +13,7 @@ from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import prepare_for_cpu
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.hub import download
+from qwen_mlx.memory import check_model_fits, plan_for_folder, split_plan
 from qwen_mlx.model import Qwen2
 from qwen_mlx.names import unknown_name
 from qwen_mlx.parallel import Parallel, check_shardable, shard_model, start_group, weight_part
@@ -47,12 +48,16 @@ def resolve_model_path(path_or_repo: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False,
+def load_model(path_or_repo: str | os.PathLike[str], lazy: bool = False, context_length: int | None = None,
                parallel: Parallel | None = None) -> tuple[Qwen2, Path]:
-    """The Qwen2 model of a folder or repo id, with its weights checked against config.json; with `parallel`,
-    only this rank's part of it (`parallel.shard_model`)."""
+    """The Qwen2 model of a folder or repo id, with its weights checked against config.json; `context_length`
+    as for `load`; with `parallel`, only this rank's part of it (`parallel.shard_model`)."""
     folder = resolve_model_path(path_or_repo)
     config = ModelConfig.from_file(folder / "config.json")
+    if context_length is not None:
+        config = config.with_context(context_length)
+    plan = plan_for_folder(folder, config)
+    check_model_fits(plan if parallel is None else split_plan(plan, parallel.size), folder)
     weights, origin = load_weights(folder)
     weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
     if config.tie_word_embeddings:
@@ -106,18 +111,22 @@ def load_part(model: Qwen2, expected: dict[str, mx.array], origin: dict[str, Pat
 
 
 def load(path_or_repo: str | os.PathLike[str] = DEFAULT_MODEL, lazy: bool = False,
-         parallel: Parallel | str | None = None) -> tuple[Qwen2, Tokenizer]:
+         context_length: int | None = None, parallel: Parallel | str | None = None) -> tuple[Qwen2, Tokenizer]:
     """Load a Qwen2 / Qwen2.5 model and its tokenizer from a local folder, a model under $QWEN_MLX_HOME/models, an
     alias (`qwen2.5:7b`, see `names.ALIASES`) or a Hugging Face repo id.
 
     With `parallel` ("tensor" or "pipeline", or a `parallel.Parallel`), a process started by `mlx.launch` loads
     only its part of the model, to run it together with the others (see `qwen_mlx.parallel`).
 
-    >>> model, tokenizer = load("mlx-community/Qwen2.5-7B-Instruct-4bit")
+    `context_length=N` sets the context: up to config.json's own length, a limit; past it (e.g. 131072 for a
+    Qwen2.5 of 32768), YaRN on demand: plain RoPE while a conversation fits the original length, then one
+    re-encode of the context with YaRN (factor N / original), after which it runs as a static-YaRN model.
+
+    >>> model, tokenizer = load("mlx-community/Qwen2.5-7B-Instruct-4bit", context_length=131072)
     """
     if isinstance(parallel, str):
         parallel = start_group(parallel)
-    model, folder = load_model(path_or_repo, lazy=lazy, parallel=parallel)
+    model, folder = load_model(path_or_repo, lazy=lazy, context_length=context_length, parallel=parallel)
     if model.config.quantization and mx.default_device().type == mx.DeviceType.cpu:
         prepare_for_cpu(model)
     return model, Tokenizer.from_folder(folder)

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from qwen_mlx.attention import scaled_dot_product_attention
-from qwen_mlx.cache import LayerCache, Mask
+from qwen_mlx.cache import LayerCache, Mask, RowsCache, settle_rope
 from qwen_mlx.config import ModelConfig
 from qwen_mlx.cpu import in_order
 from qwen_mlx.rope import RoPE
@@ -32,6 +32,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
         self.rope = RoPE(head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
+        # YaRN on demand: the RoPE of sequences whose cache has switched (`cache.rope_scaled`); None: one RoPE.
+        self.long_rope = None if config.dynamic_rope_scaling is None else RoPE(
+            head_dim, config.rope_theta, config.dynamic_rope_scaling, config.max_position_embeddings)
+        self.yarn_switch = config.yarn_switch
         # The dtype keys and values are cached in; None: as computed. On MLX's CPU backend a half-precision
         # quantized model computes in float32 but caches in half precision, as mlx-lm does (qwen_mlx.cpu).
         self.kv_dtype: mx.Dtype | None = None
@@ -46,7 +50,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        q, k = self.rotate(q, offset, cache), self.rotate(k, offset, cache)
         if cache is not None:
             if self.kv_dtype is not None:
                 k, v = k.astype(self.kv_dtype), v.astype(self.kv_dtype)
@@ -54,6 +58,22 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask, query_chunk=self.prefill_chunk)
         return all_sum(self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), self.group)
+
+    def rotate(self, x: mx.array, offset: int | mx.array, cache: LayerCache | None) -> mx.array:
+        """`x` at its positions, under the RoPE its sequence runs: YaRN once its cache switched (or, without a
+        cache, when the sequence is longer than the original context), else plain."""
+        if self.long_rope is None:
+            return self.rope(x, offset)
+        if cache is None:
+            return (self.long_rope if x.shape[2] > self.yarn_switch else self.rope)(x, offset)
+        if not isinstance(cache, RowsCache):
+            return (self.long_rope if cache.rope_scaled else self.rope)(x, offset)
+        scaled = [row.rope_scaled for row in cache.rows]
+        if len(set(scaled)) == 1:
+            return (self.long_rope if scaled[0] else self.rope)(x, offset)
+        # Sequences decoded together may stand on both sides of the switch: each row under its own RoPE.
+        return mx.concatenate([(self.long_rope if s else self.rope)(x[i : i + 1], offset[i : i + 1])
+                               for i, s in enumerate(scaled)])
 
 
 class MLP(nn.Module):
@@ -109,6 +129,7 @@ class Qwen2Model(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # The dtype activations are computed in; None: the embedding's. See qwen_mlx.cpu for why it can differ.
         self.compute_dtype: mx.Dtype | None = None
+        self.yarn_switch = config.yarn_switch
         # Pipeline parallel (`parallel.shard_model`): `layers` are this rank's stage, between the others'.
         self.stage: Stage | None = None
 
@@ -116,6 +137,8 @@ class Qwen2Model(nn.Module):
         h = self.embed_tokens(ids)
         if self.compute_dtype is not None:
             h = h.astype(self.compute_dtype)
+        if cache and self.yarn_switch is not None:
+            settle_rope(cache, ids.shape[1], self.yarn_switch)
         cache = cache or [None] * len(self.layers)
         mask = attention_mask(h.shape[1], cache[0])
         if self.stage is not None:

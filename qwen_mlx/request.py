@@ -19,6 +19,7 @@ import mlx.nn as nn
 from qwen_mlx.cache import CacheSettings
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.grammar import check_grammar, output_grammar
+from qwen_mlx.memory import check_request_memory
 from qwen_mlx.sample import SamplingParams
 from qwen_mlx.speculative import DraftModel, check_draft_tokenizer
 from qwen_mlx.tokenizer import Tokenizer
@@ -127,6 +128,7 @@ def prepare_request(
         raise QwenMLXError(
             f"the prompt is {len(prompt_ids)} tokens but the model's context is {context}; shorten it", "prompt"
         )
+    check_request_memory(model, len(prompt_ids), max_tokens, cache, prefill_step_size)
     constraint = output_grammar(json_schema, response_format, grammar)
     if constraint is not None:
         check_grammar(tokenizer, model.config.vocab_size, constraint)

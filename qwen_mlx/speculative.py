@@ -142,7 +142,8 @@ class DraftModelSource:
 
     def propose(self, context: list[int], reply_start: int, limit: int) -> Draft | None:
         start = time.perf_counter()
-        todo = self.cache.reuse(context)
+        # A draft loaded with YaRN on demand switches its own cache when the drafts would outgrow its context.
+        todo = self.cache.fit_rope(self.model.config.yarn_switch, self.cache.reuse(context), ahead=limit - 1)
         self.cache.prefill(self.model, todo[:-1], self.prefill_step_size)
         setup = time.perf_counter() - start
         y = mx.array(todo[-1:])
@@ -314,12 +315,13 @@ class DraftModel:
                            "draft_model")
 
 
-def load_draft(path_or_repo: str, target: Tokenizer | None = None) -> DraftModel:
+def load_draft(path_or_repo: str, target: Tokenizer | None = None,
+               context_length: int | None = None) -> DraftModel:
     """Load a draft model (e.g. "mlx-community/Qwen2.5-0.5B-Instruct-4bit"), checked against `target`'s tokenizer
-    when one is given."""
+    when one is given; `context_length` as for `load` (the target's, so the draft follows long contexts too)."""
     from qwen_mlx.load import load
 
-    draft = DraftModel(*load(path_or_repo))
+    draft = DraftModel(*load(path_or_repo, context_length=context_length))
     if target is not None:
         check_draft_tokenizer(draft.tokenizer, target)
     return draft

@@ -23,6 +23,12 @@ def check_safetensors(path: Path) -> dict[str, str]:
 
     A truncated download or a corrupt file is named here, not deep inside MLX at the first matmul.
     """
+    return {name: entry["dtype"] for name, entry in safetensors_header(path).items()}
+
+
+def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
+    """Each tensor's {"dtype", "shape", "data_offsets"} from a safetensors file's header, once the header and the
+    file's size are checked to be whole; no tensor data is read."""
     try:
         if path.is_dir():
             raise QwenMLXError(f"{path}: is a folder, not a safetensors file; re-download the model")
@@ -47,7 +53,7 @@ def check_safetensors(path: Path) -> dict[str, str]:
         raise QwenMLXError(
             f"{path}: truncated ({size} bytes, its header needs {8 + header_len + end}); re-download it"
         )
-    return {name: entry["dtype"] for name, entry in entries.items()}
+    return entries
 
 
 def header_entries(header: Any) -> dict[str, dict[str, Any]]:

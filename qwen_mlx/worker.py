@@ -474,6 +474,9 @@ class ModelWorker:
         disk = None
         if self.tiers.folder is not None and self.tiers.disk_bytes > 0 and self.model.fingerprint:
             tag = settings_tag(self.cache_settings)
+            if self.model.config.dynamic_rope_scaling is not None:
+                # YaRN on demand: an entry's keys may be rotated with YaRN, which a model without it cannot read.
+                tag += f"-yarn{self.model.config.context_length}"
             try:
                 disk = DiskTier(self.tiers.folder / self.model.fingerprint / tag, self.model.fingerprint, tag,
                                 self.tiers.disk_bytes)

@@ -26,6 +26,7 @@ from typing import Any
 import gradio as gr
 
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.memory import usable_context
 from qwen_mlx.webui import branches
 from qwen_mlx.webui.attachments import read_uploads, size_text
 from qwen_mlx.webui.context import DROP_OLDEST, fit, meter_html, model_messages, prompt_ids, reply_room
@@ -114,7 +115,10 @@ class ChatApp:
         self.queries: dict[str, str] = {}  # owner → what its list is searched for (pages redrawn by a reply too)
         self.default_system = default_system_prompt(worker)
         self.opens_thinking = template_opens_thinking(worker)
-        self.context_length = worker.model.config.context_length if worker.model is not None else 0
+        # The memory plan's limit where memory runs out before the model's context: the meter shows what a
+        # request may use.
+        model = worker.model
+        self.context_length = usable_context(model, getattr(worker, "cache_settings", None)) if model is not None else 0
 
     # The page
 

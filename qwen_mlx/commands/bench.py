@@ -19,6 +19,7 @@ from typing import Any
 
 from qwen_mlx.bench import average, bench, format_trial
 from qwen_mlx.cache import CacheSettings
+from qwen_mlx.commands.flags import add_context_argument
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.load import DEFAULT_MODEL, load
 from qwen_mlx.quantize import check_quantization
@@ -41,6 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--num-trials", "-n", type=int, default=3, help="timed trials, averaged (default 3)")
     parser.add_argument("--max-kv-size", type=int, help="a rotating KV cache of this many positions")
     parser.add_argument("--prefill-step-size", type=int, default=512, help="prompt tokens per forward pass (512)")
+    add_context_argument(parser)
     group = parser.add_argument_group("random model (--random)")
     group.add_argument("--q-bits", type=int, default=4, help="bits per weight: 2, 3, 4, 6 or 8 (default 4)")
     group.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default 64)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             folder = args.model or DEFAULT_MODEL
         print(f"Loading {folder} ...", file=sys.stderr, flush=True)
-        model, tokenizer = load(folder)
+        model, tokenizer = load(folder, context_length=args.context)
         trials = bench(model, tokenizer, args.prompt_tokens, args.generation_tokens, args.num_trials,
                        max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size)
     print("Averages: " + format_trial(average(trials)))

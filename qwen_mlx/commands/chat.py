@@ -17,6 +17,7 @@ from qwen_mlx.commands.flags import (
 from qwen_mlx.commands.terminal import (
     load_for_replies,
     print_stats,
+    read_document,
     start_messages,
     start_terminal_worker,
     stream_reply,
@@ -32,6 +33,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_parallel_argument(parser)
     parser.add_argument("--system", help="system prompt (default: the model's own)")
     parser.add_argument("--prompt-cache", help="start from a prompt cache saved by `qwen-mlx cache-prompt`")
+    parser.add_argument("--file", "-f", action="append", default=[], metavar="PATH",
+                        help="put a text file into the conversation, with the first message (repeatable; "
+                             "/file PATH adds one later)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print statistics after each reply")
     add_sampling_arguments(parser)
     parser.set_defaults(func=run)
@@ -39,6 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    documents = [read_document(path) for path in args.file]  # a missing file fails before the model loads
     parallel = parallel_group(args)
     if parallel is not None and not parallel.leads:
         return follow(args, parallel)
@@ -50,20 +55,24 @@ def run(args: argparse.Namespace) -> int:
             return stream_worker_reply(worker, messages, args)
 
         try:
-            return converse(reply, start, args.verbose)
+            return converse(reply, start, documents, args.verbose)
         finally:
             worker.close()
     model, tokenizer, draft = load_for_replies(args)
     prompt_cache, start = start_messages(args, model)
     return converse(lambda messages: stream_reply(model, tokenizer, messages, args, prompt_cache, draft), start,
-                    args.verbose)
+                    documents, args.verbose)
 
 
 def converse(reply: Callable[[list[dict[str, Any]]], tuple[str, GenerationStats]], start: list[dict[str, Any]],
-             verbose: bool) -> int:
-    """The chat loop over `reply` (messages → the reply's text and stats, streamed to stdout)."""
+             documents: list[str], verbose: bool) -> int:
+    """The chat loop over `reply` (messages → the reply's text and stats, streamed to stdout); `documents` go
+    with the first message."""
     messages = list(start)
-    print("Chat with the model. /clear starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    print("Chat with the model. /file PATH adds a document, /clear starts over, /exit (or Ctrl-D) quits; Ctrl-C "
+          "stops a reply.", file=sys.stderr)
+    if documents:
+        print(f"{len(documents)} document(s) go with your first message.", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
@@ -73,14 +82,21 @@ def converse(reply: Callable[[list[dict[str, Any]]], tuple[str, GenerationStats]
         except UnicodeDecodeError as e:
             print(f"qwen-mlx: error: that line is not valid UTF-8 (byte {e.start}); type it again", file=sys.stderr)
             continue
-        if not line.strip():
+        command = line.strip()
+        if not command:
             continue
-        if line.strip() in ("/exit", "/quit"):
+        if command in ("/exit", "/quit"):
             return 0
-        if line.strip() == "/clear":
+        if command == "/clear":
             messages = list(start)
             continue
-        messages.append({"role": "user", "content": line})
+        if command.startswith("/file"):
+            try:
+                documents.append(read_document(command.removeprefix("/file").strip()))
+            except QwenMLXError as e:
+                print(f"qwen-mlx: error: {e}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": "\n\n".join([*documents, line])})
         try:
             text, stats = reply(messages)
         except KeyboardInterrupt:
@@ -92,6 +108,7 @@ def converse(reply: Callable[[list[dict[str, Any]]], tuple[str, GenerationStats]
             print(f"qwen-mlx: error: {e} (try /clear)", file=sys.stderr)
             messages.pop()
             continue
+        documents = []  # they are in the conversation now
         messages.append({"role": "assistant", "content": text})
         if verbose:
             print_stats(stats)

@@ -15,11 +15,13 @@ import mlx.nn as nn
 
 from qwen_mlx.cache import CacheSettings
 from qwen_mlx.catalog import record_use, repo_id_for
+from qwen_mlx.config import ModelConfig
 from qwen_mlx.demo import demo_model_folder
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
 from qwen_mlx.load import DEFAULT_MODEL, load, resolve_model_path
 from qwen_mlx.lockstep import Lockstep
+from qwen_mlx.memory import check_context_fits, plan_for_folder, split_plan
 from qwen_mlx.names import aliases_of
 from qwen_mlx.parallel import MODES, Parallel, start_group
 from qwen_mlx.registry import LocalModels, ModelRegistry, ModelSource, keep_alive_seconds
@@ -42,6 +44,28 @@ def add_model_argument(parser: Any, demo: bool = False) -> None:
         group.add_argument("--demo", action="store_true",
                            help="no download: a tiny random-weight Qwen2 with the real tokenizer (replies are "
                                 "gibberish)")
+    add_context_argument(parser)
+
+
+def add_context_argument(parser: Any) -> None:
+    parser.add_argument("--context", type=int, metavar="N",
+                        help="context length: up to the model's own, a limit; past it (e.g. 131072 for Qwen2.5), "
+                             "YaRN on demand: plain RoPE until a conversation outgrows the original length, then "
+                             "one re-encode of the context with YaRN")
+
+
+def load_for_context(name: str | Path, args: argparse.Namespace,
+                     parallel: Parallel | None = None) -> tuple[nn.Module, Tokenizer]:
+    """`load` with --context (this rank's part with `parallel`), after checking that --context positions fit here
+    with the cache flags (before any weight is read; `load` itself refuses weights that cannot fit at all)."""
+    context = getattr(args, "context", None)
+    folder = resolve_model_path(name)
+    if context is not None:
+        config = ModelConfig.from_file(folder / "config.json").with_context(context)
+        plan = plan_for_folder(folder, config)
+        check_context_fits(plan if parallel is None else split_plan(plan, parallel.size), context,
+                           cache_settings(args), what=f"--context {context}:")
+    return load(folder, context_length=context, parallel=parallel)
 
 
 def add_parallel_argument(parser: Any) -> None:
@@ -142,6 +166,8 @@ def add_cache_arguments(parser: Any) -> None:
 
 def cache_settings(args: argparse.Namespace) -> CacheSettings:
     """The cache flags as settings, checked before a model load that may take minutes."""
+    if getattr(args, "context", None) is not None:
+        ModelConfig.check_context(args.context)
     return CacheSettings(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits)
 
 
@@ -243,13 +269,14 @@ def start_registry(args: argparse.Namespace, cache: CacheSettings,
             return start_worker(args, cache, source.name, parallel, folder=source.folder)
 
         def load_source() -> tuple[nn.Module, Tokenizer]:
-            model, tokenizer = load(source.folder)
+            # --context is the pinned model's; another model runs with its own context.
+            model, tokenizer = load_for_context(source.folder, args) if source.pinned else load(source.folder)
             if not source.pinned:
                 record_use(source.name)
             return slowed_for_tests(model), tokenizer
 
         def draft_for(tokenizer: Tokenizer) -> DraftModel:
-            return load_draft(args.draft_model, tokenizer)
+            return load_draft(args.draft_model, tokenizer, context_length=getattr(args, "context", None))
 
         options = speculation_options(args, None)
         draft = draft_for if source.pinned and args.draft_model else None
@@ -297,11 +324,11 @@ def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str, par
 
     def load_model() -> tuple[nn.Module, Tokenizer]:
         source = folder or (demo_model_folder(data_home() / "models") if getattr(args, "demo", False) else args.model)
-        model, tokenizer = load(source, parallel=parallel)
+        model, tokenizer = load_for_context(source, args, parallel)
         return slowed_for_tests(model), tokenizer
 
     def draft_for(tokenizer: Tokenizer) -> DraftModel:
-        return load_draft(args.draft_model, tokenizer)
+        return load_draft(args.draft_model, tokenizer, context_length=getattr(args, "context", None))
 
     speaks = parallel is None or parallel.leads
     return ModelWorker(load_model, cache=cache, max_batch=max_batch or getattr(args, "max_batch", 1),

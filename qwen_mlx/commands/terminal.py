@@ -5,23 +5,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlx.nn as nn
+from tqdm import tqdm
 
 from qwen_mlx.cache import PromptCache, check_prompt_cache, load_prompt_cache
 from qwen_mlx.commands.flags import (
     cache_options,
     cache_settings,
     check_speculation_arguments,
+    load_for_context,
     sampling_options,
     speculation_options,
     start_worker,
 )
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationStats, stream_generate
-from qwen_mlx.load import load
 from qwen_mlx.parallel import Parallel
 from qwen_mlx.request import check_text
 from qwen_mlx.speculative import DraftModel, load_draft
@@ -43,9 +49,9 @@ def read_text(value: str, flag: str = "--prompt") -> str:
     return value
 
 
-def load_with_status(name: str) -> tuple[nn.Module, Tokenizer]:
+def load_with_status(name: str, args: argparse.Namespace) -> tuple[nn.Module, Tokenizer]:
     print(f"Loading {name} ...", file=sys.stderr, flush=True)
-    return load(name)
+    return load_for_context(name, args)
 
 
 def load_for_replies(args: argparse.Namespace) -> tuple[nn.Module, Tokenizer, DraftModel | None]:
@@ -53,11 +59,11 @@ def load_for_replies(args: argparse.Namespace) -> tuple[nn.Module, Tokenizer, Dr
     no model are checked."""
     cache_settings(args)
     check_speculation_arguments(args)
-    model, tokenizer = load_with_status(args.model)
+    model, tokenizer = load_with_status(args.model, args)
     draft = None
     if args.draft_model:
         print(f"Loading the draft model {args.draft_model} ...", file=sys.stderr, flush=True)
-        draft = load_draft(args.draft_model, tokenizer)
+        draft = load_draft(args.draft_model, tokenizer, context_length=args.context)
     return model, tokenizer, draft
 
 
@@ -71,7 +77,68 @@ def print_stats(stats: GenerationStats) -> None:
     )
     if stats.draft_tokens:
         line += f" | drafts accepted: {stats.accepted_draft_tokens}/{stats.draft_tokens}"
+    if stats.reencoded_tokens:
+        line += f" | re-encoded with YaRN: {stats.reencoded_tokens} tokens"
     print(line, file=sys.stderr)
+
+
+class PrefillProgress:
+    """A progress bar on stderr (tqdm) for each prefill of at least `MIN_TOKENS`: a long prompt's, or the
+    re-encode of the context when YaRN on demand switches (the callback `stream_generate` calls)."""
+
+    MIN_TOKENS = 1024
+
+    def __init__(self, prompt_cache: PromptCache):
+        self.prompt_cache = prompt_cache
+        self.bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total < self.MIN_TOKENS:
+            return
+        if self.bar is None or self.bar.total != total:
+            self.close()
+            label = "prefill (YaRN)" if self.prompt_cache.rope_scaled else "prefill"
+            self.bar = tqdm(total=total, desc=label, unit="tok", file=sys.stderr, leave=False, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def interrupt_cancels() -> Iterator[threading.Event]:
+    """Ctrl-C sets the event (the reply stops within a token or a prefill chunk, the caches stay whole); a second
+    Ctrl-C interrupts as usual."""
+    cancel = threading.Event()
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def read_document(path: str) -> str:
+    """A text file to put into the conversation (`chat --file`), as the message text that carries it."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QwenMLXError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise QwenMLXError(f"{path}: not UTF-8 text; convert it to plain text first") from None
+    except OSError as e:
+        raise QwenMLXError(f"{path}: cannot read it ({e.strerror})") from None
+    return f"{Path(path).name}:\n\n{text.strip()}"
 
 
 def model_shape(model: nn.Module) -> str:
@@ -96,6 +163,9 @@ def read_prompt_cache(path: str, model: nn.Module) -> tuple[PromptCache, list[di
         raise QwenMLXError(f"{path}: this prompt cache was made with other weights ({made_with}) of the same shape; "
                            "make it again with `qwen-mlx cache-prompt` for this model")
     check_prompt_cache(prompt_cache, model, path)
+    if prompt_cache.rope_scaled and model.config.yarn_switch is None:
+        raise QwenMLXError(f"{path}: this prompt cache holds a context encoded with YaRN on demand; pass the "
+                           f"--context it was made with ({meta.get('context', 'e.g. 131072')})")
     try:
         messages = json.loads(meta.get("messages", "[]"))
     except ValueError:
@@ -126,11 +196,20 @@ def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict[str
     parts = []
     stats = None
     options = {**sampling_options(args), **cache_options(cache_settings(args)), **speculation_options(args, draft)}
-    for chunk in stream_generate(model, tokenizer, messages, prompt_cache=prompt_cache, **options):
-        print(chunk.text, end="", flush=True)
-        parts.append(chunk.text)
-        if chunk.stats is not None:
-            stats = chunk.stats
+    progress = PrefillProgress(prompt_cache)
+    with interrupt_cancels() as cancel:
+        try:
+            for chunk in stream_generate(model, tokenizer, messages, prompt_cache=prompt_cache, cancel=cancel,
+                                         on_prefill=progress, **options):
+                progress.close()
+                print(chunk.text, end="", flush=True)
+                parts.append(chunk.text)
+                if chunk.stats is not None:
+                    stats = chunk.stats
+                if chunk.finish_reason == "cancelled":
+                    raise KeyboardInterrupt  # the caller's way of hearing of Ctrl-C, now that the caches are whole
+        finally:
+            progress.close()
     print(flush=True)
     return "".join(parts), stats
 
