@@ -318,10 +318,15 @@ def option_name(name: str) -> str:
     return f"{name} ({api})"
 
 
+def first_chunk_bytes(plan: MemoryPlan) -> int:
+    """What a model needs beside its weights to run at all: the activations and KV cache of a first prompt chunk."""
+    return plan.activation_bytes(min(512, plan.config.context_length)) + plan.kv_bytes(512)
+
+
 def check_model_fits(plan: MemoryPlan, folder: Path, budget: Budget | None = None) -> None:
     """Refuse, before any weight is read, a model whose weights and first prompt chunk do not fit here."""
     budget = budget or memory_budget()
-    first = plan.activation_bytes(min(512, plan.config.context_length)) + plan.kv_bytes(512)
+    first = first_chunk_bytes(plan)
     if plan.weights + first <= budget.nbytes:
         return
     bits = plan.quantization_bits

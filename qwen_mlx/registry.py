@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 
 from qwen_mlx.catalog import LocalModel, describe_folder, find_local, local_models
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.memory import first_chunk_bytes, gb, memory_budget, plan_for_folder
 from qwen_mlx.names import close_matches
 from qwen_mlx.worker import ModelWorker
 
@@ -117,7 +118,7 @@ class ModelRegistry:
 
     def __init__(self, models: LocalModels, start: Starter, *, max_models: int = 1,
                  keep_alive: float | None = DEFAULT_KEEP_ALIVE_S, clock: Callable[[], float] = time.monotonic,
-                 resident: bool = False):
+                 resident: bool = False, budget: Callable[[], int] | None = None):
         if max_models < 1:
             raise QwenMLXError(f"max_models {max_models} must be at least 1", "max_models")
         self.models = models
@@ -130,6 +131,10 @@ class ModelRegistry:
         self._clock = clock
         self._loaded: dict[str, LoadedModel] = {}
         self._unloading = 0  # models being unloaded: they still hold their memory, so they count against the limit
+        self._unloading_bytes = 0  # ... and their planned bytes against the memory budget
+        # Bytes MLX may use here (the memory plan's budget): a model is loaded only where it fits beside the others.
+        self._budget = budget or (lambda: memory_budget().nbytes)
+        self._planned: dict[str, int] = {}  # source key → the memory plan's bytes for it: weights, a first chunk
         self._spare: list[ModelWorker] = []  # unloaded workers whose threads wait for the next model
         self._cond = threading.Condition()
         self._closed = False
@@ -151,8 +156,7 @@ class ModelRegistry:
             with self._cond:
                 entry.pending -= 1
                 if self._loaded.get(source.key) is entry:
-                    del self._loaded[source.key]
-                    self._unloading += 1
+                    self._take_out(entry)
             self._retire(entry)
             raise entry.worker.load_error
         if entry.loaded_at is None:
@@ -194,8 +198,7 @@ class ModelRegistry:
             entry.keep_alive = 0.0
             idle = self._loaded.get(entry.source.key) is entry and entry.pending == 0 and entry.worker.idle
             if idle:
-                del self._loaded[entry.source.key]
-                self._unloading += 1
+                self._take_out(entry)
         if idle:
             self._retire(entry)
         return True
@@ -228,22 +231,48 @@ class ModelRegistry:
                     entry.pending += 1
                     entry.last_used = self._clock()
                     return entry
-                if len(self._loaded) + self._unloading < self.max_models:
+                room = self._room_for(source)
+                if len(self._loaded) + self._unloading < self.max_models and room is None:
                     worker = self._start(source, self._spare.pop() if self._spare else None)
                     entry = LoadedModel(source, worker, self.keep_alive, self._clock(), pending=1)
                     self._loaded[source.key] = entry
                     return entry
                 victim = self._least_recently_used_idle()
                 if victim is not None:
-                    del self._loaded[victim.source.key]
-                    self._unloading += 1
+                    self._take_out(victim)
                 elif not self._cond.wait(min(POLL_S, max(0.0, deadline - self._clock()))) and \
                         self._clock() >= deadline:
+                    if room is not None:
+                        raise ModelsBusy(f"{source.name!r} needs {room} beside the loaded models, which are busy; "
+                                         "retry later")
                     raise ModelsBusy(f"all {self.max_models} loaded models are busy, so {source.name!r} cannot be "
                                      "loaded now; retry later, or raise --max-models")
             if victim is not None:
                 log.info("unloading %s to make room for %s", victim.name, source.name)
                 self._retire(victim)
+
+    def _room_for(self, source: ModelSource) -> str | None:
+        """None if `source` fits in memory beside the models loaded (and those still unloading), by the memory
+        plan; else what it needs against what is left. With nothing else loaded it is always tried: a model that
+        fits nowhere is refused by `load` in its own words."""
+        key = source.key
+        if key not in self._planned:
+            try:
+                plan = plan_for_folder(source.folder)
+            except QwenMLXError:
+                return None  # an unreadable folder: the load names what is wrong with it
+            self._planned[key] = plan.weights + first_chunk_bytes(plan)
+        held = sum(self._planned.get(e.source.key, 0) for e in self._loaded.values()) + self._unloading_bytes
+        if held == 0:
+            return None
+        need, left = self._planned[key], self._budget() - held
+        return None if need <= left else f"{gb(need)} of memory and {gb(max(0, left))} is left"
+
+    def _take_out(self, entry: LoadedModel) -> None:
+        """Move `entry` from the loaded models to those unloading (under the lock); `_retire` unloads it."""
+        del self._loaded[entry.source.key]
+        self._unloading += 1
+        self._unloading_bytes += self._planned.get(entry.source.key, 0)
 
     def _least_recently_used_idle(self) -> LoadedModel | None:
         idle = [e for e in self._loaded.values() if e.pending == 0 and e.worker.loaded.is_set() and e.worker.idle]
@@ -260,6 +289,7 @@ class ModelRegistry:
         finally:
             with self._cond:
                 self._unloading -= 1
+                self._unloading_bytes -= self._planned.get(entry.source.key, 0)
                 if entry.worker.unloaded.is_set():
                     self._spare.append(entry.worker)
                 self._cond.notify_all()
@@ -273,14 +303,13 @@ class ModelRegistry:
                     return
                 now = self._clock()
                 expired = []
-                for key, entry in list(self._loaded.items()):
+                for entry in list(self._loaded.values()):
                     if entry.pending or not entry.worker.loaded.is_set():
                         continue
                     if not entry.worker.idle:
                         entry.last_used = now
                     elif entry.keep_alive is not None and now - entry.last_used >= entry.keep_alive:
-                        del self._loaded[key]
-                        self._unloading += 1
+                        self._take_out(entry)
                         expired.append(entry)
             for entry in expired:
                 log.info("unloading %s: idle for its keep-alive", entry.name)

@@ -16,6 +16,7 @@ import pytest
 
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.load import load_model
+from qwen_mlx.memory import first_chunk_bytes, plan_for_folder
 from qwen_mlx.registry import (
     LocalModels,
     ModelNotFound,
@@ -123,6 +124,35 @@ def test_each_name_gets_its_own_model_and_the_least_recently_used_makes_room(mak
     assert reply(registry, "a") == first
     assert starts.loads == ["a", "b", "a"] and starts.reused == 2
     assert threading.active_count() == threads
+
+
+def planned_bytes(folder: Path) -> int:
+    plan = plan_for_folder(folder)
+    return plan.weights + first_chunk_bytes(plan)
+
+
+def test_a_model_loads_beside_another_only_where_the_memory_plan_says_both_fit(make_registry,
+                                                                                folders: dict[str, Path]) -> None:
+    need = {name: planned_bytes(folder) for name, folder in folders.items()}
+    roomy, _ = make_registry(max_models=2, budget=lambda: need["a"] + need["b"])
+    reply(roomy, "a")
+    reply(roomy, "b")
+    assert sorted(e.name for e in roomy.loaded()) == ["a", "b"]
+
+    tight, starts = make_registry(max_models=2, budget=lambda: need["a"] + need["b"] - 1)
+    first = reply(tight, "a")
+    reply(tight, "b")  # a is idle: it makes room, as the least recently used does for --max-models
+    assert [e.name for e in tight.loaded()] == ["b"]
+    assert reply(tight, "a") == first and starts.loads == ["a", "b", "a"]
+
+    # With the loaded model busy, the other waits for it, then is refused with the sizes.
+    held = tight.acquire("a")
+    try:
+        with pytest.raises(ModelsBusy, match=r"'b' needs .* of memory and .* is left beside the loaded models"):
+            tight.acquire("b", timeout=0.5)
+    finally:
+        tight.release(held)
+    assert [e.name for e in tight.loaded()] == ["a"]
 
 
 def test_keep_alive_unloads_an_idle_model_and_returns_its_memory(make_registry) -> None:
