@@ -18,8 +18,8 @@ from qwen_mlx.chat import TOOL_CALL_CLOSE, CallPiece, ToolArgumentsStream, ToolC
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk, GenerationStats
 from qwen_mlx.grammar import tool_call_grammar
-from qwen_mlx.openai_api import APIError, ServedModel
-from qwen_mlx.request import MAX_TOKENS_LIMIT, GenerationRequest, check_text, is_int, prepare_request
+from qwen_mlx.openai_api import APIError, ServedModel, checked_text
+from qwen_mlx.request import MAX_TOKENS_LIMIT, GenerationRequest, is_int, prepare_request
 
 # cache_control (here, on text blocks and tools): a prompt-caching hint; every prefix is cached here anyway.
 FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
@@ -194,7 +194,7 @@ def _system(system: Any) -> list[dict[str, Any]]:
         text = "\n\n".join(_text_block(b, "system") for b in system)
     else:
         raise APIError(400, "system: must be a string or a list of text blocks", "system")
-    return [{"role": "system", "content": _checked(text, "system")}] if text else []
+    return [{"role": "system", "content": checked_text("system", text)}] if text else []
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:
@@ -219,12 +219,12 @@ def _user(blocks: list[Any], i: int) -> list[dict[str, Any]]:
     for j, block in enumerate(blocks):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "tool_result":
-            results.append({"role": "tool", "content": _checked(_tool_result(block, f"messages.{i}.content.{j}"),
-                                                                 "messages")})
+            result = _tool_result(block, f"messages.{i}.content.{j}")
+            results.append({"role": "tool", "content": checked_text("messages", result)})
         else:
             texts.append(_text_block(block, f"messages.{i}.content.{j}"))
     text = "".join(texts)
-    return results + ([{"role": "user", "content": _checked(text, "messages")}] if text or not results else [])
+    return results + ([{"role": "user", "content": checked_text("messages", text)}] if text or not results else [])
 
 
 def _assistant(blocks: list[Any], i: int) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def _assistant(blocks: list[Any], i: int) -> dict[str, Any]:
             calls.append({"type": "function", "function": {"name": block["name"], "arguments": block.get("input", {})}})
         else:
             texts.append(_text_block(block, where))
-    message: dict[str, Any] = {"role": "assistant", "content": _checked("".join(texts), "messages")}
+    message: dict[str, Any] = {"role": "assistant", "content": checked_text("messages", "".join(texts))}
     if calls:
         message["tool_calls"] = calls
     return message
@@ -264,14 +264,6 @@ def _tool_result(block: dict[str, Any], where: str) -> str:
     if not isinstance(content, str):
         raise APIError(400, f"{where}: tool_result content must be a string or text blocks", "messages")
     return f"Error: {content}" if block.get("is_error") else content
-
-
-def _checked(text: str, field_name: str) -> str:
-    try:
-        check_text(field_name, text, field_name)
-    except QwenMLXError as e:
-        raise APIError(400, str(e), field_name) from None
-    return text
 
 
 class AnthropicReply:

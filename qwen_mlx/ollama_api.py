@@ -21,8 +21,8 @@ from qwen_mlx.chat import ToolCall, ToolCallStream
 from qwen_mlx.config import ModelConfig
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate import GenerationChunk, GenerationStats
-from qwen_mlx.openai_api import APIError, ServedModel
-from qwen_mlx.request import MAX_TOKENS_LIMIT, GenerationRequest, check_text, is_int, prepare_request
+from qwen_mlx.openai_api import APIError, ServedModel, checked_text
+from qwen_mlx.request import MAX_TOKENS_LIMIT, GenerationRequest, is_int, prepare_request
 from qwen_mlx.sample import SamplingParams
 
 # The Ollama API version these routes follow; clients compare it to enable features.
@@ -107,7 +107,7 @@ def parse_generate(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise APIError(400, "prompt must be a non-empty string (an empty one only loads the model)", "prompt")
-    _checked_text("prompt", prompt)
+    checked_text("prompt", prompt)
     raw = body.get("raw", False)
     if not isinstance(raw, bool):
         raise APIError(400, "raw must be true or false", "raw")
@@ -117,7 +117,7 @@ def parse_generate(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
     if raw:
         ids = served.tokenizer.encode(prompt)
     else:
-        messages = ([{"role": "system", "content": _checked_text("system", system)}] if system else []) + \
+        messages = ([{"role": "system", "content": checked_text("system", system)}] if system else []) + \
             [{"role": "user", "content": prompt}]
         ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     context = body.get("context")
@@ -148,14 +148,6 @@ def _check_think(body: dict[str, Any], served: ServedModel) -> None:
         raise APIError(400, f'"{served.id}" does not support thinking', "think")
 
 
-def _checked_text(what: str, text: str) -> str:
-    try:
-        check_text(what, text, what)
-    except QwenMLXError as e:
-        raise APIError(400, str(e), what) from None
-    return text
-
-
 def _stream(body: dict[str, Any]) -> bool:
     stream = body.get("stream", True)  # Ollama streams unless told not to
     if stream is None:
@@ -182,7 +174,7 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
         content = m.get("content") or ""
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string", "messages")
-        message: dict[str, Any] = {"role": m["role"], "content": _checked_text(f"messages[{i}].content", content)}
+        message: dict[str, Any] = {"role": m["role"], "content": checked_text(f"messages[{i}].content", content)}
         calls = m.get("tool_calls")
         if calls:
             message["tool_calls"] = [_tool_call_in(c, i) for c in calls] if isinstance(calls, list) else \

@@ -56,6 +56,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def checked_text(field_name: str, text: str) -> str:
+    """`text` as a request gave it in `field_name`, once `request.check_text` has passed it (else a 400)."""
+    try:
+        check_text(field_name, text, field_name)
+    except QwenMLXError as e:
+        raise APIError(400, str(e), field_name) from None
+    return text
+
+
 @dataclass
 class ServedModel:
     """The model behind the endpoints, as request checking sees it."""
