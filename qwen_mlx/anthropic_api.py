@@ -66,7 +66,8 @@ def parse_messages(body: Any, served: ServedModel) -> AnthropicRequest:
         if fmt is not None:
             raise APIError(400, "output_config.format cannot be combined with a forced tool_choice", "output_config")
         try:
-            options["grammar"] = tool_call_grammar(served.tokenizer, tools, named, parallel)
+            # A named function is called once (as vLLM does): a weak model could otherwise repeat it to max_tokens.
+            options["grammar"] = tool_call_grammar(served.tokenizer, tools, named, parallel and named is None)
         except QwenMLXError as e:
             raise APIError(400, f"tool_choice: {e}", "tool_choice") from None
     elif choice == "auto" and not parallel:

@@ -34,6 +34,13 @@ def scaled_dot_product_attention(
                 wait(q[:, :, s:e]), k[:, :, : S - L + e], v[:, :, : S - L + e], scale=scale, mask="causal"),
             L, query_chunk, axis=2,
         )
+    if query_chunk is not None and L > query_chunk and isinstance(mask, mx.array) and mask.shape[-2] == L:
+        # A mask spelled out (a rotating cache past its window): each piece of queries takes its rows of it.
+        return in_order(
+            lambda s, e, wait: mx.fast.scaled_dot_product_attention(
+                wait(q[:, :, s:e]), k, v, scale=scale, mask=mask[..., s:e, :]),
+            L, query_chunk, axis=2,
+        )
     # Grouped-query attention: the fused kernel broadcasts the n_kv_heads over the n_heads itself.
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 

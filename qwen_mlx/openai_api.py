@@ -116,7 +116,8 @@ def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
         if "response_format" in options:
             raise APIError(400, "response_format cannot be combined with a required tool_choice", "response_format")
         try:
-            options["grammar"] = tool_call_grammar(served.tokenizer, tools, named, parallel)
+            # A named function is called once (as vLLM does): a weak model could otherwise repeat it to max_tokens.
+            options["grammar"] = tool_call_grammar(served.tokenizer, tools, named, parallel and named is None)
         except QwenMLXError as e:
             raise APIError(400, str(e), "tool_choice") from None
         grammar_param = "tool_choice"

@@ -96,9 +96,11 @@ def test_a_split_model_runs_from_another_thread() -> None:
     assert mx.array_equal(result[0], here).item()
 
 
-@pytest.mark.parametrize("cache_kind", ["none", "plain", "plain after a prefix", "rotating"])
+@pytest.mark.parametrize("cache_kind", ["none", "plain", "plain after a prefix", "rotating",
+                                        "rotating past its window"])
 def test_prompts_run_in_chunks_give_the_same_logits(cache_kind: str) -> None:
-    """prefill_chunk runs attention and MLP a few tokens at a time: less memory, the same numbers."""
+    """prefill_chunk runs attention and MLP a few tokens at a time: less memory, the same numbers (also where a
+    wrapped rotating cache spells its mask out)."""
     model = quantized_model(mx.float32)
     prepare_for_cpu(model, streams=2)
     ids = mx.random.randint(0, 1024, (1, 23), key=mx.random.key(3))
@@ -108,10 +110,14 @@ def test_prompts_run_in_chunks_give_the_same_logits(cache_kind: str) -> None:
             layer.self_attn.prefill_chunk = layer.mlp.prefill_chunk = chunk
         if cache_kind == "none":
             return model(ids)
-        cache = make_cache(model, CacheSettings(max_kv_size=16 if cache_kind == "rotating" else None))
+        cache = make_cache(model, CacheSettings(max_kv_size=16 if cache_kind.startswith("rotating") else None))
         if cache_kind == "plain after a prefix":
             model(ids[:, :5], cache=cache)
             return model(ids[:, 5:], cache=cache)
+        if cache_kind == "rotating past its window":
+            model(ids[:, :12], cache=cache)  # 12 + 11 positions > 16: the second chunk's mask is an array
+            assert not isinstance(cache[0].make_mask(11), str)
+            return model(ids[:, 12:], cache=cache)
         return model(ids, cache=cache)
 
     whole = logits(None)

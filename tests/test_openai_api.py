@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from qwen_mlx.config import ModelConfig
+from qwen_mlx.grammar import tool_call_grammar
 from qwen_mlx.model import Qwen2
 from qwen_mlx.openai_api import APIError, ServedModel, parse_chat_request, parse_completion_request
 from qwen_mlx.random_model import tiny_config
@@ -65,6 +66,19 @@ def test_required_tool_choice_sets_a_grammar_and_defaults_follow_the_model(model
     assert request.generation.sampling == model.model.sampling_defaults
     # With no max_tokens, a reply may fill the context.
     assert request.generation.max_tokens == 4096 - len(request.prompt_ids)
+
+
+def test_a_named_tool_choice_is_one_call_and_required_allows_several(model: ServedModel) -> None:
+    """A weak model forced to a named function would otherwise repeat the call until max_tokens (instructor's and
+    langchain's structured output send a named tool_choice, and read a cut-off reply as a failure)."""
+    user = [{"role": "user", "content": "hi"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    one = tool_call_grammar(model.tokenizer, [TOOL], "get_weather", parallel=False)
+    assert chat(model, messages=user, tools=[TOOL], tool_choice=named).generation.grammar == one
+    several = chat(model, messages=user, tools=[TOOL], tool_choice="required").generation.grammar
+    assert several == tool_call_grammar(model.tokenizer, [TOOL], None, parallel=True) != one
+    single = chat(model, messages=user, tools=[TOOL], tool_choice="required", parallel_tool_calls=False)
+    assert single.generation.grammar == tool_call_grammar(model.tokenizer, [TOOL], None, parallel=False)
 
 
 @pytest.mark.parametrize(("body", "param"), [
