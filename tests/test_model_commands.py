@@ -144,6 +144,11 @@ def test_pull_list_run_rm_through_the_hugging_face_cache(hub: tuple[FakeHub, str
                                  temperature=0).text
     assert ran.stdout.strip() == expected.strip()
     assert models()[0]["last_used"] is not None
+    # Without a prompt, run is the chat: the same first reply, then /exit.
+    chatted = qwen_mlx_cli(["run", ALIAS, "--max-tokens", "5", "--temp", "0"], {**env, "HF_HUB_OFFLINE": "1"},
+                           stdin="Say hi\n/exit\n")
+    assert chatted.returncode == 0, chatted.stderr
+    assert "Chat with the model" in chatted.stderr and expected.strip() in chatted.stdout
 
     # rm asks; "n" keeps it.
     kept = qwen_mlx_cli(["rm", ALIAS], env, stdin="n\n")

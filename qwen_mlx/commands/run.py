@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from qwen_mlx.commands import chat, generate
-from qwen_mlx.commands.flags import add_parallel_argument, add_sampling_arguments
+from qwen_mlx.commands.flags import add_context_argument, add_parallel_argument, add_sampling_arguments
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -15,9 +15,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("prompt", nargs="?", help="the message ('-' reads stdin); without it, the chat starts")
     parser.add_argument("--system", help="system prompt (default: the model's own)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print statistics after each chat reply")
+    add_context_argument(parser)
     add_sampling_arguments(parser)
     add_parallel_argument(parser)
-    parser.set_defaults(func=run, prompt_cache=None)
+    parser.set_defaults(func=run, prompt_cache=None, file=[])
     return parser
 
 
