@@ -21,8 +21,9 @@ CONTEXT = 4096  # the test model's context: an unstopped reply would run for ove
 STATS = re.compile(r"prompt (\d+) tokens \((\d+) from cache\) · reply (\d+) tokens")
 
 
-def write_test_model(folder: Path, context: int) -> Path:
-    """A tiny random Qwen2 (byte-level tokenizer, real Qwen chat template) that never ends a reply by itself."""
+def write_test_model(folder: Path, context: int, seed: int = 0) -> Path:
+    """A tiny random Qwen2 (byte-level tokenizer, real Qwen chat template) that never ends a reply by itself;
+    another `seed`, other weights."""
     import mlx.core as mx
     from hf_models import TINY_VOCAB, write_tiny_tokenizer
 
@@ -30,7 +31,8 @@ def write_test_model(folder: Path, context: int) -> Path:
     from qwen_mlx.tokenizer import Tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    write_random_qwen2(folder, tiny_config(vocab_size=TINY_VOCAB, max_position_embeddings=context, rope_theta=10000.0))
+    write_random_qwen2(folder, tiny_config(vocab_size=TINY_VOCAB, max_position_embeddings=context, rope_theta=10000.0),
+                       seed)
     write_tiny_tokenizer(folder)
     # Zero embeddings for the end-of-turn ids: with tied embeddings their logit is 0, which is never among the
     # top 20 (generation_config's top_k) of 320 logits of spread ~2.

@@ -20,8 +20,8 @@ from qwen_mlx.sample import SamplingParams
 from qwen_mlx.webui.chat import DEFAULT_MAX_TOKENS, ChatApp
 from qwen_mlx.webui.context import DROP_OLDEST, POLICIES
 from qwen_mlx.webui.conversations import ConversationStore
+from qwen_mlx.webui.models import PageModels
 from qwen_mlx.webui.rendering import LATEX_DELIMITERS
-from qwen_mlx.worker import ModelWorker
 
 HERE = Path(__file__).parent
 CSS = (HERE / "page.css").read_text(encoding="utf-8")
@@ -38,10 +38,11 @@ PRESETS = {
 }
 
 
-def model_info(worker: ModelWorker, model_name: str, demo: bool) -> str:
-    if worker.load_error is not None:
-        return f'<span class="load-error">⚠️ {model_name} could not be loaded: {worker.load_error}</span>'
-    info = f"**{model_name}** · context {worker.model.config.context_length} tokens"
+def model_info(models: PageModels, model_name: str, demo: bool, load_error: Exception | None) -> str:
+    if load_error is not None:
+        return f'<span class="load-error">⚠️ {model_name} could not be loaded: {load_error}</span>'
+    default = models.info(None)
+    info = f"**{model_name}** · context {default.context_length if default else 0} tokens"
     if demo:
         info += (
             ' · <span class="demo-warning">demo: a tiny model with random weights, so its replies are gibberish. '
@@ -58,12 +59,18 @@ def recall(saved: Any) -> tuple[Any, ...]:
     return tuple(saved[n] if isinstance(saved.get(n), int | float | str) else gr.skip() for n in names)
 
 
-def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str, demo: bool,
-              browser_secret: str) -> gr.Blocks:
-    """The chat page for a loaded (or failed) worker; `browser_secret` keeps the browsers' owner ids readable
-    across server restarts."""
-    app = ChatApp(worker, store)
-    defaults = worker.model.sampling_defaults if worker.model is not None else SamplingParams()
+def build_app(models: PageModels, store: ConversationStore, *, model_name: str, demo: bool, browser_secret: str,
+              max_batch: int, max_queue: int | None) -> gr.Blocks:
+    """The chat page over the models a conversation can pick (the default one loaded, or failed);
+    `browser_secret` keeps the browsers' owner ids readable across server restarts."""
+    app = ChatApp(models, store)
+    try:
+        default = models.load(None)
+        load_error = None
+    except Exception as e:  # the page says why, and a reply says it again
+        default, load_error = None, e
+    defaults = default.model.sampling_defaults if default is not None and default.model is not None \
+        else SamplingParams()
     # Gradio copies every file a handler returns (the exports) into its cache: clear what is a day old, hourly.
     with gr.Blocks(title="qwen-mlx chat", fill_height=True, delete_cache=(3600, 86400)) as page:
         owner = gr.BrowserState(None, storage_key="qwen-mlx-owner", secret=browser_secret)
@@ -96,7 +103,7 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
 
         with gr.Row(equal_height=False, elem_id="page-row"):
             with gr.Column(scale=4, elem_id="main"):
-                gr.Markdown(model_info(worker, model_name, demo), elem_id="model-info")
+                gr.Markdown(model_info(models, model_name, demo, load_error), elem_id="model-info")
                 chatbot = gr.Chatbot(
                     elem_id="chatbot", height="62vh", editable="user", buttons=["copy", "copy_all"],
                     latex_delimiters=LATEX_DELIMITERS, feedback_options=None, show_label=False,
@@ -118,6 +125,8 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
                                                   scale=0, min_width=160)
                 meter = gr.HTML("", elem_id="context-meter")
             with gr.Column(scale=1, min_width=260, elem_id="settings"):
+                picker = gr.Dropdown(models.choices(), value=models.default, label="Model (this conversation's)",
+                                     elem_id="model-picker")
                 preset = gr.Dropdown(list(PRESETS), value=None, label="System prompt preset", elem_id="preset")
                 system_prompt = gr.Textbox(app.default_system, label="System prompt (saved with the conversation; "
                                            "empty: none)", lines=4, elem_id="system-prompt")
@@ -143,14 +152,14 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
         timer = gr.Timer(REFRESH_SECONDS)
 
         outputs = [conversation, chatbot, message, conversations, chat_meta, status, meter, open_id, system_prompt,
-                   title, attachments, attachments_view]
+                   title, attachments, attachments_view, picker]
         assert len(outputs) == len(ChatApp.OUTPUTS)
         settings = [system_prompt, policy, *sampling]
         exports = [export_md, export_json]
         quick = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
         # Every reply goes to the worker, which decodes up to --max-batch of them together and queues the rest
         # (each then says how many wait before it); Gradio's own queue holds only what exceeds that.
-        model_queue = {"concurrency_limit": worker.max_batch + (worker.max_queue or 0), "concurrency_id": "model",
+        model_queue = {"concurrency_limit": max_batch + (max_queue or 0), "concurrency_id": "model",
                        "show_progress": "hidden"}
 
         def then_export(event: Any) -> Any:
@@ -189,8 +198,11 @@ def build_app(worker: ModelWorker, store: ConversationStore, *, model_name: str,
         timer.tick(app.refresh, [conversation, search, shown], [conversations, shown], **quick)
 
         system_prompt.change(app.set_system_prompt, [system_prompt, conversation], meter, **quick)
-        preset.input(lambda name: app.default_system if PRESETS.get(name) is None else PRESETS[name], [preset],
+        preset.input(lambda name, c: app.system_of_preset(PRESETS.get(name), c), [preset, conversation],
                      system_prompt, **quick)
+        # Picking a model: downloaded (an alias not here yet) and loaded, its progress in the status line.
+        picker.input(app.set_model, [picker, conversation], outputs, api_visibility="private",
+                     show_progress="hidden")
         message.change(app.draft_meter, [message, attachments, conversation], meter, trigger_mode="always_last",
                        **quick)
         attach.upload(app.attach, [attach, attachments, message, conversation],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import json
-import re
 import shutil
 import tempfile
 import threading
@@ -26,15 +25,14 @@ from typing import Any
 import gradio as gr
 
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.memory import usable_context
 from qwen_mlx.webui import branches
 from qwen_mlx.webui.attachments import read_uploads, size_text
 from qwen_mlx.webui.context import DROP_OLDEST, fit, meter_html, model_messages, prompt_ids, reply_room
 from qwen_mlx.webui.conversations import Conversation, ConversationStore, Summary, from_record, is_id, new_id
 from qwen_mlx.webui.export import write_exports
-from qwen_mlx.webui.rendering import THINK_OPEN, chat_view, meta_json
+from qwen_mlx.webui.models import ModelInfo, PageModels
+from qwen_mlx.webui.rendering import chat_view, meta_json
 from qwen_mlx.webui.reply import LiveReply, describe_error
-from qwen_mlx.worker import ModelWorker
 
 UPDATE_INTERVAL = 0.04  # seconds between page updates while a reply streams: Gradio re-sends the message each time
 DEFAULT_MAX_TOKENS = 2048
@@ -58,24 +56,6 @@ def sampling_options(temperature: float, top_p: float, top_k: float, min_p: floa
     }
 
 
-def default_system_prompt(worker: ModelWorker) -> str:
-    """The system prompt the chat template writes when none is given (Qwen2.5: "You are Qwen, ...")."""
-    if worker.tokenizer is None:
-        return ""
-    text = worker.tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=False)
-    match = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.DOTALL)
-    return match.group(1) if match else ""
-
-
-def template_opens_thinking(worker: ModelWorker) -> bool:
-    """Whether the template's generation prompt ends inside <think> (DeepSeek-R1's does): replies then begin
-    with reasoning and only close the block."""
-    if worker.tokenizer is None:
-        return False
-    text = worker.tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=True)
-    return text.rstrip().endswith(THINK_OPEN)
-
-
 def when(timestamp: float, now: float | None = None) -> str:
     """A conversation's date as the list shows it: the time today, the day this year, else the date."""
     moment, today = time.localtime(timestamp), time.localtime(now)
@@ -97,10 +77,10 @@ class ChatApp:
     """The handlers. Each returns the page: `OUTPUTS` values, in order (see `page`)."""
 
     OUTPUTS = ("conversation", "chatbot", "message", "conversations", "chat_meta", "status", "meter", "open_id",
-               "system_prompt", "title", "attachments", "attachments_view")
+               "system_prompt", "title", "attachments", "attachments_view", "model")
 
-    def __init__(self, worker: ModelWorker, store: ConversationStore, export_root: Path | None = None):
-        self.worker = worker
+    def __init__(self, models: PageModels, store: ConversationStore, export_root: Path | None = None):
+        self.models = models
         self.store = store
         self.export_root = export_root or Path(tempfile.gettempdir()) / "qwen-mlx-exports"
         self.replies: dict[str, LiveReply] = {}  # conversation id → its reply being generated or not yet settled
@@ -113,17 +93,23 @@ class ChatApp:
         self._counts: OrderedDict[str, tuple[Any, int]] = OrderedDict()  # conversation id → (key, prompt tokens)
         self.settings: dict[str, tuple[str, int]] = {}  # owner → (context policy, max tokens) of its page
         self.queries: dict[str, str] = {}  # owner → what its list is searched for (pages redrawn by a reply too)
-        self.default_system = default_system_prompt(worker)
-        self.opens_thinking = template_opens_thinking(worker)
-        # The memory plan's limit where memory runs out before the model's context: the meter shows what a
-        # request may use.
-        model = worker.model
-        self.context_length = usable_context(model, getattr(worker, "cache_settings", None)) if model is not None else 0
 
     # The page
 
+    def info(self, conversation: Conversation) -> ModelInfo | None:
+        """The conversation's model as the page counts with it (None: not on this machine yet)."""
+        return self.models.info(conversation.model)
+
+    @property
+    def default_system(self) -> str:
+        info = self.models.info(None)
+        return info.default_system if info is not None else ""
+
     def system_of(self, conversation: Conversation) -> str:
-        return self.default_system if conversation.system_prompt is None else conversation.system_prompt
+        if conversation.system_prompt is not None:
+            return conversation.system_prompt
+        info = self.info(conversation)
+        return info.default_system if info is not None else ""
 
     def page(self, conversation: Conversation, *, box: Any = SKIP, listing: bool = False, full: bool = False,
              streaming: bool = False, query: str = "", attachments: Any = SKIP, generating: bool | None = None,
@@ -165,6 +151,8 @@ class ChatApp:
             title_update,
             skip if attachments is SKIP else attachments,
             skip if attachments is SKIP else self.attachments_html(attachments),
+            gr.Dropdown(choices=self.models.choices(), value=self.models.name_of(conversation.model)) if full
+            else skip,
         )
 
     def status_html(self, conversation: Conversation) -> str:
@@ -190,12 +178,13 @@ class ChatApp:
     def next_prompt(self, conversation: Conversation, draft: dict[str, Any] | None = None) -> tuple[int, int]:
         """(tokens, oldest messages left out) of the prompt that sending `draft` (the message being written, with
         its attachments) would send, under this browser's policy for a full context."""
-        tokenizer = self.worker.tokenizer
-        if tokenizer is None:
+        info = self.info(conversation)
+        if info is None:
             return 0, 0
+        tokenizer, context_length = info.tokenizer, info.context_length
         system = self.system_of(conversation)
         messages = [m for m in conversation.messages if not (m.get("pending") and not m["content"])]
-        key = (system, tuple((id(m), len(m["content"])) for m in messages))
+        key = (info.name, system, tuple((id(m), len(m["content"])) for m in messages))
         cached = self._counts.get(conversation.id)
         if cached is not None and cached[0] == key:
             used = cached[1]
@@ -210,8 +199,8 @@ class ChatApp:
         turns = model_messages([*messages, draft or {"role": "user", "content": ""}])
         used += len(tokenizer.encode(turns[-1]["content"])) + 5  # with the template's markers around it
         policy, max_tokens = self.settings.get(conversation.owner, (DROP_OLDEST, DEFAULT_MAX_TOKENS))
-        if policy == DROP_OLDEST and used + reply_room(self.context_length, max_tokens) > self.context_length:
-            fitted = fit(tokenizer, system, turns, self.context_length, max_tokens, policy)
+        if policy == DROP_OLDEST and used + reply_room(context_length, max_tokens) > context_length:
+            fitted = fit(tokenizer, system, turns, context_length, max_tokens, policy)
             if fitted.error is None:
                 return len(fitted.ids), fitted.dropped
         return used, 0
@@ -219,7 +208,8 @@ class ChatApp:
     def meter(self, conversation: Conversation, reply: LiveReply | None = None, draft: str = "",
               attachments: list[dict[str, str]] | None = None) -> str:
         """The context meter: what the reply being written fills, or what the next message would."""
-        if not self.context_length:
+        info = self.info(conversation)
+        if info is None or not info.context_length:
             return ""
         if reply is not None:
             used, dropped = reply.prompt_tokens + reply.generated, reply.dropped
@@ -229,13 +219,13 @@ class ChatApp:
             used, dropped = self.next_prompt(conversation, pending)
         if dropped:
             note = f"the {dropped} oldest messages are left out of the prompt"
-        elif used >= self.context_length:
+        elif used >= info.context_length:
             note = "the conversation no longer fits: see “When the context is full”"
-        elif used >= 0.9 * self.context_length:
+        elif used >= 0.9 * info.context_length:
             note = "nearly full: see “When the context is full”"
         else:
             note = ""
-        return meter_html(used, self.context_length, note)
+        return meter_html(used, info.context_length, note)
 
     def remember(self, conversation: Conversation | None, policy: str, *sampling: Any) -> tuple[Any, Any]:
         """Keep the settings in this browser's storage (and here, for the meter); the meter they give."""
@@ -251,8 +241,9 @@ class ChatApp:
         if not attachments:
             return ""
         chips = []
+        info = self.models.info(None)  # the Qwen models share one tokenizer
         for a in attachments:
-            tokens = len(self.worker.tokenizer.encode(a["text"])) if self.worker.tokenizer is not None else 0
+            tokens = len(info.tokenizer.encode(a["text"])) if info is not None else 0
             chips.append(f'<span class="chip">{html.escape(a["name"])} · {size_text(len(a["text"].encode()))} · '
                          f"{tokens} tokens</span>")
         return '<div class="attachment-chips">' + "".join(chips) + "</div>"
@@ -301,7 +292,7 @@ class ChatApp:
         """Delete the open conversation (it is kept in the session, for Undo) and start a new one."""
         conversation = self.settle(conversation)
         self.store.delete(conversation)
-        self.worker.forget(conversation.id)
+        self.models.forget(conversation.id)
         shutil.rmtree(self.export_root / conversation.owner / conversation.id, ignore_errors=True)
         undo = gr.Button(f"Undo deleting “{conversation.title}”", visible=bool(conversation.messages))
         page = self.page(Conversation(conversation.owner), box="", full=True, query=query, generating=False)
@@ -350,17 +341,71 @@ class ChatApp:
         try:
             if path.stat().st_size > MAX_IMPORT_BYTES:
                 raise ValueError(f"it is larger than {size_text(MAX_IMPORT_BYTES)}")
-            tree, _, name, system_prompt = from_record(json.loads(path.read_text(encoding="utf-8")))
+            tree, _, name, system_prompt, model = from_record(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             note = f"{path.name} could not be imported: {e}"
             gr.Warning(note)
             return self.page(conversation, status=f'<span class="notice error">⚠ {html.escape(note)}</span>')
-        imported = Conversation(conversation.owner, new_id(), tree, time.time(), name, system_prompt)
+        imported = Conversation(conversation.owner, new_id(), tree, time.time(), name, system_prompt, model)
         self.store.save(imported)
         self.notify(imported, f"Imported {path.name}.")
         return self.page(imported, full=True, query=query, generating=False)
 
     # Settings that belong to the conversation
+
+    def system_of_preset(self, preset: str | None, conversation: Conversation | None) -> str:
+        """A preset's system prompt; the model default's is the conversation's model's own."""
+        if preset is not None:
+            return preset
+        return self.system_of(Conversation(model=conversation.model)) if conversation is not None else \
+            self.default_system
+
+    def set_model(self, name: str, conversation: Conversation | None) -> Iterator[tuple[Any, ...]]:
+        """The conversation talks to `name` from its next reply: downloaded first if it is an alias not on this
+        machine, then loaded; the status line follows both. A failure leaves the conversation's model as it was."""
+        conversation = self.own(conversation)
+        if not isinstance(name, str) or not name or self.models.name_of(conversation.model) == name:
+            yield self.page(conversation, full=True)
+            return
+        previous = conversation.model
+        try:
+            if not self.models.is_local(name):
+                yield from self.downloading(conversation, name)
+            yield self.page(conversation, status=f'<span class="busy loading">● Loading {html.escape(name)}…</span>')
+            self.models.load(name)
+        except QwenMLXError as e:
+            conversation.model = previous
+            note = f"{name} could not be used: {describe_error(e)}"
+            gr.Warning(note)
+            yield self.page(conversation, full=True, status=f'<span class="notice error">⚠ {html.escape(note)}</span>')
+            return
+        conversation.model = None if name == self.models.default else name
+        if conversation.messages and conversation.id not in self.replies:
+            self.store.save(conversation)
+        self.notify(conversation, f"{name} is ready.")
+        yield self.page(conversation, full=True)
+
+    def downloading(self, conversation: Conversation, name: str) -> Iterator[tuple[Any, ...]]:
+        """Download `name` on a thread of its own, the page showing how far it has come; errors are raised here."""
+        done: list[tuple[int, int]] = [(0, 0)]
+        failed: list[BaseException] = []
+
+        def fetch() -> None:
+            try:
+                self.models.fetch(name, lambda got, total: done.append((got, total)))
+            except BaseException as e:  # handed to the page's thread
+                failed.append(e)
+
+        thread = threading.Thread(target=fetch, name="qwen-mlx-download", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            got, total = done[-1]
+            part = f" {got / total:.0%} of {size_text(total)}" if total else ""
+            yield self.page(conversation, status=f'<span class="busy loading">● Downloading {html.escape(name)}'
+                                                 f"{part}…</span>")
+            thread.join(UPDATE_INTERVAL * 5)
+        if failed:
+            raise failed[0]
 
     def set_system_prompt(self, text: str, conversation: Conversation | None) -> Any:
         if conversation is None or text == self.system_of(conversation):
@@ -523,9 +568,9 @@ class ChatApp:
         message = conversation.messages[-1]
         conversation.system_prompt = system_prompt
         turns = model_messages(conversation.messages[:-1])
-        if self.worker.tokenizer is not None and self.worker.load_error is None:
-            fitted = fit(self.worker.tokenizer, system_prompt, turns, self.context_length, options["max_tokens"],
-                         policy)
+        info = self.info(conversation)
+        if info is not None:
+            fitted = fit(info.tokenizer, system_prompt, turns, info.context_length, options["max_tokens"], policy)
             if fitted.error is not None:
                 message.pop("pending", None)
                 message.update(content=fitted.error, error=True)
@@ -533,17 +578,18 @@ class ChatApp:
                 yield self.page(conversation, listing=True, generating=False)
                 return
             prompt, prompt_tokens, dropped = fitted.ids, len(fitted.ids), fitted.dropped
-        else:  # the model failed to load: the worker answers with that error
+        else:  # the model is not on this machine: the registry says so
             prompt, prompt_tokens, dropped = turns, 0, 0
         try:
-            job = self.worker.submit(conversation.id, prompt, **options)
-        except QwenMLXError as e:  # the worker's queue is full
+            job, worker = self.models.submit(conversation.model, conversation.id, prompt, **options)
+        except QwenMLXError as e:  # the model failed to load, is not here, or its queue is full
             message.pop("pending", None)
             message.update(content=describe_error(e), error=True)
             self.store.save(conversation)
             yield self.page(conversation, listing=True, generating=False)
             return
-        reply = LiveReply(conversation, message, job, self.worker, prompt_tokens, dropped, self.opens_thinking,
+        opens_thinking = info.opens_thinking if info is not None else False
+        reply = LiveReply(conversation, message, job, worker, prompt_tokens, dropped, opens_thinking,
                           lambda: self.ahead_of(reply))
         with self._lock:
             self.replies[conversation.id] = reply

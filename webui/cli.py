@@ -11,7 +11,14 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.commands.flags import add_server_arguments, check_server_arguments, follow, parallel_group, start_worker
+from qwen_mlx.commands.flags import (
+    add_registry_arguments,
+    add_server_arguments,
+    check_server_arguments,
+    follow,
+    parallel_group,
+    start_registry,
+)
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
 
@@ -19,6 +26,8 @@ from qwen_mlx.files import data_home
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("webui", help="chat with the model in the browser")
     add_server_arguments(parser, port=7860, max_queue=20)
+    # A chat page's model stays loaded unless asked otherwise: the next message should not wait for a load.
+    add_registry_arguments(parser, keep_alive="-1")
     parser.add_argument("--auth", help="require this login, as user:password")
     parser.set_defaults(func=run)
     return parser
@@ -53,14 +62,15 @@ def run(args: argparse.Namespace) -> int:
     cache = check_server_arguments(args, "--auth", guarded=auth is not None)
     home = data_home()
     model_name = "demo model (random weights)" if args.demo else args.model
-    worker = start_worker(args, cache, model_name, parallel)
-    worker.wait_loaded()
+    registry, pinned = start_registry(args, cache, parallel)
 
     from qwen_mlx.webui.app import CSS, HEAD, build_app
     from qwen_mlx.webui.conversations import ConversationStore
+    from qwen_mlx.webui.models import PageModels
 
-    page = build_app(worker, ConversationStore(home / "conversations"), model_name=model_name, demo=args.demo,
-                     browser_secret=browser_secret(home))
+    models = PageModels(registry, pinned.name, cache)
+    page = build_app(models, ConversationStore(home / "conversations"), model_name=model_name, demo=args.demo,
+                     browser_secret=browser_secret(home), max_batch=args.max_batch, max_queue=args.max_queue)
     page.queue(max_size=args.max_queue)
     try:
         # No "settings" footer link: Gradio's developer settings panel is not for the people chatting.
@@ -73,5 +83,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         page.block_thread()
     finally:
-        worker.close()
+        registry.close()
     return 0

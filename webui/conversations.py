@@ -58,6 +58,7 @@ class Conversation:
     updated: float = field(default_factory=time.time)
     name: str = ""  # the title the user gave it; empty: the first question is the title
     system_prompt: str | None = None  # None: the model's default (conversations saved before it was kept)
+    model: str | None = None  # the model it talks to, by the name the picker lists; None: the one the UI started with
 
     @property
     def messages(self) -> list[Node]:
@@ -97,14 +98,15 @@ def to_record(conversation: Conversation) -> dict[str, Any]:
         "title": conversation.title,
         "name": conversation.name,
         "system_prompt": conversation.system_prompt,
+        "model": conversation.model,
         "updated": conversation.updated,
         "nodes": nodes,
         "active": active,
     }
 
 
-def from_record(data: Any) -> tuple[Node, float, str, str | None]:
-    """(tree, updated, name, system prompt) from a saved or exported conversation, or a plain list of
+def from_record(data: Any) -> tuple[Node, float, str, str | None, str | None]:
+    """(tree, updated, name, system prompt, model) from a saved or exported conversation, or a plain list of
     {"role", "content"} messages; ValueError saying what is wrong with anything else."""
     if isinstance(data, list):
         data = {"messages": data}
@@ -130,9 +132,10 @@ def from_record(data: Any) -> tuple[Node, float, str, str | None]:
     if isinstance(updated, bool) or not isinstance(updated, int | float) or not math.isfinite(updated):
         raise ValueError(f"'updated' is {updated!r}, not a time")
     name = data.get("name") or ""
-    if not isinstance(name, str) or not (system_prompt is None or isinstance(system_prompt, str)):
-        raise ValueError("'name' and 'system_prompt' must be text")
-    return tree, float(updated), name, system_prompt
+    model = data.get("model")
+    if not isinstance(name, str) or not all(v is None or isinstance(v, str) for v in (system_prompt, model)):
+        raise ValueError("'name', 'system_prompt' and 'model' must be text")
+    return tree, float(updated), name, system_prompt, model
 
 
 def all_text(tree: Node) -> str:
@@ -183,11 +186,11 @@ class ConversationStore:
             self._skip(path, str(e))
             return None
         try:
-            tree, updated, name, system_prompt = from_record(json.loads(text))
+            tree, updated, name, system_prompt, model = from_record(json.loads(text))
         except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError
             self._skip(path, str(e))
             return None
-        return Conversation(owner, path.stem, tree, updated, name, system_prompt)
+        return Conversation(owner, path.stem, tree, updated, name, system_prompt, model)
 
     def _skip(self, path: Path, reason: str) -> None:
         log.warning("skipping the conversation file %s, which cannot be read: %s", path, reason)

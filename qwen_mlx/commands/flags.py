@@ -227,14 +227,14 @@ def check_port(host: str, port: int) -> None:
             raise QwenMLXError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
 
 
-def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
+def add_registry_arguments(parser: argparse.ArgumentParser, keep_alive: str = "5m") -> None:
     """How many models a server keeps loaded, and for how long (see `registry.ModelRegistry`)."""
     parser.add_argument("--max-models", type=int, default=1,
                         help="most models loaded at once; a request for another unloads the least recently used idle "
                              "one (default 1)")
-    parser.add_argument("--keep-alive", default="5m",
+    parser.add_argument("--keep-alive", default=keep_alive,
                         help="unload a model idle this long: 5m, 1h, 30s, 300 (seconds), 0 (after each request) or "
-                             "-1 (never) (default 5m)")
+                             f"-1 (never) (default {keep_alive})")
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
