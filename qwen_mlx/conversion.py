@@ -79,15 +79,7 @@ def convert(
     q_keep: layers kept at other bits, `{"embed_tokens": 8}` or the CLI form "embed_tokens,lm_head=8".
     force: replace an existing non-empty `mlx_path` (only once the new folder is complete).
     """
-    if quantize and dequantize:
-        raise QwenMLXError("choose either --quantize or --dequantize, not both")
-    if dtype is not None and dtype not in DTYPES:
-        raise QwenMLXError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    layer_bits = parse_q_keep([q_keep]) if isinstance(q_keep, str) else dict(q_keep or {})
-    if layer_bits and not quantize:
-        raise QwenMLXError("--q-keep only applies when quantizing; add -q")
-    if quantize:
-        check_quantization(q_bits, q_group_size)
+    layer_bits = check_options(quantize, dequantize, dtype, q_keep, q_bits, q_group_size)
     if not str(mlx_path).strip():
         raise QwenMLXError("--mlx-path is empty (an unset shell variable?); give the folder to write")
     # Resolved, so that "." or "out/.." name a folder with a real name and parent to stage beside.
@@ -145,6 +137,21 @@ def convert(
         bits_per_weight=tensor_bytes * 8 / parameters,
         quantization=quantization,
     )
+
+
+def check_options(quantize: bool, dequantize: bool, dtype: str | None, q_keep: str | dict[str, int] | None,
+                  q_bits: int, q_group_size: int) -> dict[str, int]:
+    """The conversion's options checked together, before any file is touched; the bits of the layers kept."""
+    if quantize and dequantize:
+        raise QwenMLXError("choose either --quantize or --dequantize, not both")
+    if dtype is not None and dtype not in DTYPES:
+        raise QwenMLXError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    layer_bits = parse_q_keep([q_keep]) if isinstance(q_keep, str) else dict(q_keep or {})
+    if layer_bits and not quantize:
+        raise QwenMLXError("--q-keep only applies when quantizing; add -q")
+    if quantize:
+        check_quantization(q_bits, q_group_size)
+    return layer_bits
 
 
 def parse_q_keep(specs: Sequence[str]) -> dict[str, int]:
