@@ -223,6 +223,7 @@ class ModelRegistry:
 
     def _claim(self, source: ModelSource, deadline: float) -> LoadedModel:
         """The entry for `source` with a pending use counted, started (after making room) if it has none."""
+        self._plan(source)  # the headers are read here, not under the lock every request waits on
         while True:
             victim = None
             with self._cond:
@@ -251,21 +252,26 @@ class ModelRegistry:
                 log.info("unloading %s to make room for %s", victim.name, source.name)
                 self._retire(victim)
 
+    def _plan(self, source: ModelSource) -> None:
+        """The memory plan's bytes for `source` (weights and a first chunk), from its headers, once."""
+        if source.key in self._planned:
+            return
+        try:
+            plan = plan_for_folder(source.folder)
+            need = plan.weights + first_chunk_bytes(plan)
+        except QwenMLXError:
+            need = 0  # an unreadable folder: the load names what is wrong with it
+        with self._cond:
+            self._planned[source.key] = need
+
     def _room_for(self, source: ModelSource) -> str | None:
         """None if `source` fits in memory beside the models loaded (and those still unloading), by the memory
         plan; else what it needs against what is left. With nothing else loaded it is always tried: a model that
-        fits nowhere is refused by `load` in its own words."""
-        key = source.key
-        if key not in self._planned:
-            try:
-                plan = plan_for_folder(source.folder)
-            except QwenMLXError:
-                return None  # an unreadable folder: the load names what is wrong with it
-            self._planned[key] = plan.weights + first_chunk_bytes(plan)
+        fits nowhere is refused by `load` in its own words. Called under the lock, after `_plan`."""
         held = sum(self._planned.get(e.source.key, 0) for e in self._loaded.values()) + self._unloading_bytes
         if held == 0:
             return None
-        need, left = self._planned[key], self._budget() - held
+        need, left = self._planned.get(source.key, 0), self._budget() - held
         return None if need <= left else f"{gb(need)} of memory and {gb(max(0, left))} is left"
 
     def _take_out(self, entry: LoadedModel) -> None:

@@ -100,16 +100,19 @@ class ChatApp:
         """The conversation's model as the page counts with it (None: not on this machine yet)."""
         return self.models.info(conversation.model)
 
+    def model_system(self, model: str | None) -> str:
+        """The system prompt `model`'s chat template writes when none is given (None: the default model's)."""
+        info = self.models.info(model)
+        return info.default_system if info is not None else ""
+
     @property
     def default_system(self) -> str:
-        info = self.models.info(None)
-        return info.default_system if info is not None else ""
+        return self.model_system(None)
 
     def system_of(self, conversation: Conversation) -> str:
         if conversation.system_prompt is not None:
             return conversation.system_prompt
-        info = self.info(conversation)
-        return info.default_system if info is not None else ""
+        return self.model_system(conversation.model)
 
     def page(self, conversation: Conversation, *, box: Any = SKIP, listing: bool = False, full: bool = False,
              streaming: bool = False, query: str = "", attachments: Any = SKIP, generating: bool | None = None,
@@ -357,8 +360,7 @@ class ChatApp:
         """A preset's system prompt; the model default's is the conversation's model's own."""
         if preset is not None:
             return preset
-        return self.system_of(Conversation(model=conversation.model)) if conversation is not None else \
-            self.default_system
+        return self.model_system(conversation.model if conversation is not None else None)
 
     def set_model(self, name: str, conversation: Conversation | None) -> Iterator[tuple[Any, ...]]:
         """The conversation talks to `name` from its next reply: downloaded first if it is an alias not on this

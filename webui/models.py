@@ -13,16 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen_mlx.cache import CacheSettings
-from qwen_mlx.config import ModelConfig
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.hub import Progress, download
 from qwen_mlx.memory import memory_budget, plan_for_folder, usable_context
 from qwen_mlx.names import ALIASES, repo_for_alias
 from qwen_mlx.registry import ModelRegistry
 from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.webui.rendering import THINK_OPEN
 from qwen_mlx.worker import Job, ModelWorker
 
-THINK_OPEN = "<think>"
 # The aliases the picker offers to download: the instruct models at 4 bits, by size (the full table is in names.py).
 PICKER_ALIASES = tuple(a for a in ALIASES if re.fullmatch(r"qwen2\.5(-coder)?:[\d.]+b", a))
 
@@ -105,22 +104,18 @@ class PageModels:
                 folder = self.registry.models.resolve(name).folder
                 # Without loading the weights: the tokenizer and the memory plan come from the folder.
                 tokenizer = Tokenizer.from_folder(folder)
-                config = ModelConfig.from_file(folder / "config.json")
-                plan = plan_for_folder(folder, config)
+                plan = plan_for_folder(folder)
             except QwenMLXError:  # not here, or not a model: a reply will say why
                 return None
-            context = min(config.context_length, plan.largest_context(memory_budget().nbytes, self.cache))
+            context = plan.largest_context(memory_budget().nbytes, self.cache)  # at most the model's own
         info = ModelInfo(name, tokenizer, default_system_prompt(tokenizer), template_opens_thinking(tokenizer),
                          context)
         with self._lock:
             self._info[name] = info
         return info
 
-    def fetch(self, model: str | None, progress: Progress | None = None) -> None:
-        """Download `model` if it is an alias not on this machine yet (`progress(done, total)` hears the bytes)."""
-        name = self.name_of(model)
-        if self.is_local(name):
-            return
+    def fetch(self, name: str, progress: Progress | None = None) -> None:
+        """Download the alias `name`, not on this machine yet (`progress(done, total)` hears the bytes)."""
         repo = repo_for_alias(name)
         if repo is None:
             raise QwenMLXError(f"model {name!r} is not on this machine; download it with `qwen-mlx pull {name}`")
