@@ -134,7 +134,7 @@ def main() -> None:
 
     import mlx.core as mx
 
-    from qwen_mlx.random_model import random_shape, write_random_quantized_model
+    from qwen_mlx.store.synthetic import random_shape, write_random_quantized_model
 
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import qwen_mlx
-from qwen_mlx.grammar import GrammarMask, json_schema_grammar
-from qwen_mlx.random_model import TINY_QWEN2, write_random_model
+from qwen_mlx.store.synthetic import TINY_QWEN2, write_random_model
+from qwen_mlx.text.grammar import GrammarMask, json_schema_grammar
 
 QWEN25_05B = {**TINY_QWEN2, "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864,
               "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2}

@@ -178,8 +178,8 @@ def main() -> None:
 
     import mlx.core as mx
 
-    from qwen_mlx.bench import random_prompt
-    from qwen_mlx.random_model import random_shape, write_random_quantized_model
+    from qwen_mlx.engine.benchmark import random_prompt
+    from qwen_mlx.store.synthetic import random_shape, write_random_quantized_model
 
     started = time.perf_counter()
     dtype = args.dtype or default_dtype()

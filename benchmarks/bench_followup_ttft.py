@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.random_model import TINY_QWEN2, write_random_model
+from qwen_mlx.store.synthetic import TINY_QWEN2, write_random_model
 
 # Qwen2.5's vocabulary and tokenizer; a few small layers, so that reading 1,024 tokens takes a visible second on
 # a CPU while a 16-token message takes a few milliseconds.
@@ -40,7 +40,7 @@ def token_ids(n: int, start: int, vocab_size: int) -> list[int]:
 
 def first_token(model: Any, tokenizer: Any, prompt: list[int], prompt_cache: Any) -> tuple[float, int]:
     """Seconds to the first reply token, and how many prompt tokens were prefilled for it."""
-    from qwen_mlx.generate import stream_generate
+    from qwen_mlx.engine.generate import stream_generate
 
     for chunk in stream_generate(model, tokenizer, prompt, max_tokens=1, temperature=0, prompt_cache=prompt_cache):
         if chunk.stats is not None:
@@ -50,8 +50,8 @@ def first_token(model: Any, tokenizer: Any, prompt: list[int], prompt_cache: Any
 
 def follow_up(model: Any, tokenizer: Any, history_len: int, new_len: int) -> tuple[float, int, float, int]:
     """(TTFT, tokens prefilled) of one follow-up turn, with prefix reuse and without."""
-    from qwen_mlx.cache import PromptCache
-    from qwen_mlx.generate import generate
+    from qwen_mlx.engine.generate import generate
+    from qwen_mlx.model.cache import PromptCache
 
     history = token_ids(history_len, 1, tokenizer.vocab_size)
     prompt_cache = PromptCache.new(model)

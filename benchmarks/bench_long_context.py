@@ -1,6 +1,6 @@
 """Long-context speed and memory: prefill and decode tokens/s at 1K, 4K and 16K tokens of context, qwen-mlx beside
 mlx-lm on the same random model, and for qwen-mlx the peak memory of each cache kind beside the memory plan's
-estimate (`qwen_mlx.memory`).
+estimate (`qwen_mlx.store.memory`).
 
     python benchmarks/bench_long_context.py            # the narrow shape below: minutes on a 2-core Linux machine
     python benchmarks/bench_long_context.py --shape qwen2.5-0.5b --contexts 1024,4096   # a real shape
@@ -43,8 +43,8 @@ def ours(folder: str, context: int, cache: str) -> dict[str, Any]:
     import mlx.core as mx
 
     import qwen_mlx
-    from qwen_mlx.cache import CacheSettings
-    from qwen_mlx.memory import plan_for_model
+    from qwen_mlx.model.cache import CacheSettings
+    from qwen_mlx.store.memory import plan_for_model
 
     model, tokenizer = qwen_mlx.load(folder)
     tokenizer.eos_token_ids = []  # every run decodes DECODE_TOKENS
@@ -78,7 +78,7 @@ def measure(side: str, folder: Path, context: int, cache: str) -> dict[str, Any]
 
 
 def build(folder: Path, shape: str, dtype: str) -> Path:
-    from qwen_mlx.random_model import random_shape, write_random_quantized_model
+    from qwen_mlx.store.synthetic import random_shape, write_random_quantized_model
 
     config = NARROW if shape == "narrow" else random_shape(shape)
     return write_random_quantized_model(folder, config, 4, 64, dtype)
@@ -86,7 +86,7 @@ def build(folder: Path, shape: str, dtype: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="narrow", help="narrow (default), or a qwen_mlx.random_model shape")
+    parser.add_argument("--shape", default="narrow", help="narrow (default), or a qwen_mlx.store.synthetic shape")
     parser.add_argument("--contexts", default="1024,4096,16384")
     parser.add_argument("--memory-context", type=int, default=4096, help="context of the peak-memory table")
     parser.add_argument("--dtype", help="scales' dtype (default: float32 on the CPU, bfloat16 on Metal)")

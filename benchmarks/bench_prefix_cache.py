@@ -137,8 +137,8 @@ def main() -> None:
 
     import mlx.core as mx
 
-    from qwen_mlx.random_model import random_shape, write_random_quantized_model
-    from qwen_mlx.tokenizer import Tokenizer
+    from qwen_mlx.store.synthetic import random_shape, write_random_quantized_model
+    from qwen_mlx.text.tokenizer import Tokenizer
 
     began = time.perf_counter()
     rows: list[tuple[str, str, dict[str, float]]] = []

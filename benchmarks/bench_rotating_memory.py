@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from qwen_mlx.random_model import TINY_QWEN2, write_random_model
+from qwen_mlx.store.synthetic import TINY_QWEN2, write_random_model
 
 # Small enough to decode a few thousand tokens in a minute on a CPU, with four full KV heads so that the cache, not
 # the logits, is what grows. The vocabulary is cut to Qwen's first 4,096 ids (the prompt stays below it) so that
@@ -63,7 +63,7 @@ def main() -> None:
     from mlx_lm.models.cache import RotatingKVCache as MlxLmRotatingKVCache
 
     import qwen_mlx
-    from qwen_mlx.cache import CacheSettings, PromptCache
+    from qwen_mlx.model.cache import CacheSettings, PromptCache
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else build_random_model(Path(tmp))

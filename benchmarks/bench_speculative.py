@@ -32,8 +32,8 @@ from typing import Any
 import mlx.core as mx
 
 import qwen_mlx
-from qwen_mlx.cache import PromptCache
-from qwen_mlx.random_model import random_shape, tiny_config, write_random_quantized_model
+from qwen_mlx.model.cache import PromptCache
+from qwen_mlx.store.synthetic import random_shape, tiny_config, write_random_quantized_model
 
 HERE = Path(__file__).resolve().parent
 MESSAGES = [{"role": "user", "content": "Rewrite this paragraph about the river and the old mill, keeping its words."}]

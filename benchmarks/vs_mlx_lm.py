@@ -86,7 +86,7 @@ def ours_worker(folder: str, plan: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
 
     import qwen_mlx
-    from qwen_mlx.cache import PromptCache
+    from qwen_mlx.model.cache import PromptCache
 
     model, tokenizer = qwen_mlx.load(folder)
     weights = mx.get_active_memory()
@@ -212,9 +212,9 @@ def default_dtype() -> str:
 
 
 def build_plan(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from qwen_mlx.bench import random_prompt
-    from qwen_mlx.config import ModelConfig
-    from qwen_mlx.tokenizer import Tokenizer
+    from qwen_mlx.engine.benchmark import random_prompt
+    from qwen_mlx.model.config import ModelConfig
+    from qwen_mlx.text.tokenizer import Tokenizer
 
     vocab = ModelConfig.from_file(folder / "config.json").vocab_size
     tokenizer = Tokenizer.from_folder(folder)
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     import mlx.core as mx
     import mlx_lm
 
-    from qwen_mlx.random_model import random_shape, write_random_quantized_model
+    from qwen_mlx.store.synthetic import random_shape, write_random_quantized_model
 
     args.dtype = args.dtype or default_dtype()
     began, load_before = time.perf_counter(), other_load()

@@ -1,11 +1,11 @@
-"""`qwen-mlx convert`: the command over `qwen_mlx.conversion`, with mlx_lm.convert's flags."""
+"""`qwen-mlx convert`: the command over `qwen_mlx.store.conversion`, with mlx_lm.convert's flags."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from qwen_mlx.conversion import DTYPES, convert, parse_q_keep
+from qwen_mlx.store.conversion import DTYPES, convert, parse_q_keep
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

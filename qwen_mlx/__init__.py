@@ -1,6 +1,17 @@
 """qwen-mlx: Qwen2 / Qwen2.5 on Apple MLX."""
 
-from qwen_mlx.cache import (
+from qwen_mlx.engine.generate import (
+    GenerationChunk,
+    GenerationResult,
+    GenerationStats,
+    batch_generate,
+    generate,
+    stream_generate,
+)
+from qwen_mlx.engine.request import GenerationRequest, prepare_request
+from qwen_mlx.engine.speculative import DraftModel, load_draft
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.model.cache import (
     CacheSettings,
     KVCache,
     PromptCache,
@@ -10,22 +21,11 @@ from qwen_mlx.cache import (
     make_cache,
     save_prompt_cache,
 )
-from qwen_mlx.chat import ToolCall, parse_tool_calls
-from qwen_mlx.conversion import convert
-from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.generate import (
-    GenerationChunk,
-    GenerationResult,
-    GenerationStats,
-    batch_generate,
-    generate,
-    stream_generate,
-)
-from qwen_mlx.load import DEFAULT_MODEL, load
-from qwen_mlx.request import GenerationRequest, prepare_request
-from qwen_mlx.sample import SamplingParams
-from qwen_mlx.speculative import DraftModel, load_draft
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.model.generation_config import SamplingParams
+from qwen_mlx.store.conversion import convert
+from qwen_mlx.store.load import DEFAULT_MODEL, load
+from qwen_mlx.text.tokenizer import Tokenizer
+from qwen_mlx.text.tool_calls import ToolCall, parse_tool_calls
 
 __all__ = [
     "DEFAULT_MODEL",

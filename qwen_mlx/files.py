@@ -3,11 +3,15 @@ temporary file beside it, then a rename)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from qwen_mlx.errors import QwenMLXError
 
 
 @contextmanager
@@ -32,3 +36,19 @@ def data_home() -> Path:
     if os.environ.get("QWEN_MLX_HOME"):
         return Path(os.environ["QWEN_MLX_HOME"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-mlx"
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file of the user's; anything else is one QwenMLXError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise QwenMLXError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise QwenMLXError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:  # a directory, a symlink loop, no permission
+        raise QwenMLXError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise QwenMLXError(f"{path}: expected a JSON object")
+    return data

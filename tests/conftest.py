@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from hf_models import REFERENCE_DIR
 
-from qwen_mlx.qwen_tokenizer_files import write_qwen_tokenizer
-from qwen_mlx.random_model import tiny_config, write_random_qwen2
+from qwen_mlx.store.synthetic import tiny_config, write_random_qwen2
+from qwen_mlx.store.tokenizer_files import write_qwen_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 

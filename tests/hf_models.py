@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.qwen_tokenizer_files import QWEN25_REFERENCE_DIR
-from qwen_mlx.random_model import tiny_config
+from qwen_mlx.store.synthetic import tiny_config
+from qwen_mlx.store.tokenizer_files import QWEN25_REFERENCE_DIR
 
 # Qwen2.5-7B-Instruct's official configs: the shared reference beside the repository when there is one (CI, the
 # team's machines), else the copy the package ships (checked equal to it in test_tokenizer.py).
@@ -22,7 +22,7 @@ TINY_VOCAB = 320
 def write_tiny_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from qwen_mlx.tokenizer import BYTE_ENCODER
+    from qwen_mlx.text.tokenizer import BYTE_ENCODER
 
     vocab = {BYTE_ENCODER[b]: b for b in range(256)}
     merges = []

@@ -9,8 +9,8 @@ import sys
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from qwen_mlx.generate import generate
-from qwen_mlx.load import load
+from qwen_mlx.engine.generate import generate
+from qwen_mlx.store.load import load
 
 # Two rows, so the sharded layers also see a batch.
 PROMPT = [[1, 7, 42, 99, 5, 250, 17, 3], [4, 4, 8, 15, 16, 23, 42, 108]]

@@ -16,9 +16,9 @@ import pytest
 from conftest import DEMO_KEY
 from pydantic import BaseModel, ConfigDict, Field
 
-from qwen_mlx.anthropic_api import AnthropicReply, parse_messages
-from qwen_mlx.generate import GenerationChunk, GenerationStats
-from qwen_mlx.openai_api import APIError, ServedModel
+from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
+from qwen_mlx.serving.anthropic_api import AnthropicReply, parse_messages
+from qwen_mlx.serving.openai_api import APIError, ServedModel
 
 MODEL = "qwen2-demo"
 USER = [{"role": "user", "content": "Tell me about Paris."}]
@@ -124,7 +124,7 @@ def test_a_tool_call_the_model_chooses_is_a_tool_use_block(qwen_tokenizer_dir: P
     """tool_choice auto: a `<tool_call>` block in the reply, however it streams, is a tool_use block and no text."""
     from test_ollama_api import FakeModel
 
-    from qwen_mlx.tokenizer import Tokenizer
+    from qwen_mlx.text.tokenizer import Tokenizer
 
     served = ServedModel(MODEL, FakeModel(), Tokenizer.from_folder(qwen_tokenizer_dir))
     request = parse_messages({"model": MODEL, "max_tokens": 50, "messages": USER, "tools": [WEATHER]}, served)

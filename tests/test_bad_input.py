@@ -24,7 +24,8 @@ from hf_models import save_tiny_qwen2
 from servers import free_port, start_server, stop_server
 
 import qwen_mlx
-from qwen_mlx import QwenMLXError, cli
+from qwen_mlx import QwenMLXError
+from qwen_mlx.cli import main as cli
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from hf_models import save_tiny_qwen2
 
 import qwen_mlx
 from qwen_mlx import CacheSettings, PromptCache
-from qwen_mlx.decode import Decoder
-from qwen_mlx.request import prepare_request
-from qwen_mlx.worker import ModelWorker
+from qwen_mlx.engine.decode import Decoder
+from qwen_mlx.engine.request import prepare_request
+from qwen_mlx.engine.worker import ModelWorker
 
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
@@ -84,7 +84,7 @@ def test_each_sequence_keeps_its_own_settings_in_a_batch(tiny: Loaded) -> None:
     ]
     model, tokenizer = tiny
     decoder = Decoder(model, tokenizer)
-    from qwen_mlx.generate import ReplyText, collect, text_chunks
+    from qwen_mlx.engine.generate import ReplyText, collect, text_chunks
 
     replies = {}
     for options, prompt in runs:

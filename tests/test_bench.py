@@ -18,11 +18,11 @@ import mlx_lm
 import pytest
 
 import qwen_mlx
-from qwen_mlx import cli
-from qwen_mlx.bench import random_prompt, run_trial
+from qwen_mlx.cli import main as cli
+from qwen_mlx.engine.benchmark import random_prompt, run_trial
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.qwen_tokenizer_files import QWEN25_REFERENCE_DIR
-from qwen_mlx.random_model import SHAPES, random_shape, tiny_config, write_random_quantized_model
+from qwen_mlx.store.synthetic import SHAPES, random_shape, tiny_config, write_random_quantized_model
+from qwen_mlx.store.tokenizer_files import QWEN25_REFERENCE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_config(vocab_size=151936, max_position_embeddings=256)

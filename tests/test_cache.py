@@ -15,8 +15,12 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import RotatingKVCache as MlxLmRotatingKVCache
 
 import qwen_mlx
-from qwen_mlx import QwenMLXError, cli
-from qwen_mlx.cache import (
+from qwen_mlx import QwenMLXError
+from qwen_mlx.cli import chat as chat_command
+from qwen_mlx.cli import generate as generate_command
+from qwen_mlx.cli import main as cli
+from qwen_mlx.engine.generate import GenerationResult, GenerationStats
+from qwen_mlx.model.cache import (
     CacheSettings,
     KVCache,
     PromptCache,
@@ -25,10 +29,7 @@ from qwen_mlx.cache import (
     make_cache,
     save_prompt_cache,
 )
-from qwen_mlx.commands import chat as chat_command
-from qwen_mlx.commands import generate as generate_command
-from qwen_mlx.generate import GenerationResult, GenerationStats
-from qwen_mlx.model import Qwen2
+from qwen_mlx.model.qwen2 import Qwen2
 
 W, KEEP = 32, 4  # the rotating window and its attention sinks, small enough that tests run far past it
 PROMPT = list(range(40, 60))  # 20 token ids

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.text.tokenizer import Tokenizer
 
 WEATHER_TOOL = {
     "type": "function",

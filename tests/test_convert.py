@@ -26,11 +26,11 @@ from hf_models import TINY_VOCAB, save_tiny_qwen2
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.utils import compute_bits_per_weight
 
-import qwen_mlx.weights as weight_files
-from qwen_mlx import cli
-from qwen_mlx.conversion import convert, parse_q_keep
+import qwen_mlx.store.weights as weight_files
+from qwen_mlx.cli import main as cli
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.load import load_model
+from qwen_mlx.store.conversion import convert, parse_q_keep
+from qwen_mlx.store.load import load_model
 
 # Qwen2.5's rope_theta. transformers >= 5 saves it only inside `rope_parameters`, which mlx-lm does not read,
 # so a folder written by mlx_lm.convert runs in mlx-lm with this value whatever the config says.
@@ -366,8 +366,8 @@ def test_a_failed_forced_conversion_keeps_the_old_target(
 KILLED_RUN = """
 import sys, time
 from pathlib import Path
-import qwen_mlx.conversion as conversion
-import qwen_mlx.weights as weight_files
+import qwen_mlx.store.conversion as conversion
+import qwen_mlx.store.weights as weight_files
 write_shard = weight_files.write_shard
 def write_then_hang(path, shard):
     write_shard(path, shard)

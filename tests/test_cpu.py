@@ -1,4 +1,4 @@
-"""qwen_mlx.cpu: quantized matmuls split across streams give exactly the unsplit results, and a half-precision
+"""qwen_mlx.model.cpu: quantized matmuls split across streams give exactly the unsplit results, and a half-precision
 quantized model keeps its weights and KV cache in half precision while computing in float32."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from qwen_mlx.cache import CacheSettings, make_cache
-from qwen_mlx.config import ModelConfig
-from qwen_mlx.cpu import SplitQuantizedEmbedding, SplitQuantizedLinear, prepare_for_cpu, split_quantized_matmul
-from qwen_mlx.model import Qwen2
-from qwen_mlx.quantize import quantize_model
+from qwen_mlx.model.cache import CacheSettings, make_cache
+from qwen_mlx.model.config import ModelConfig
+from qwen_mlx.model.cpu import SplitQuantizedEmbedding, SplitQuantizedLinear, prepare_for_cpu, split_quantized_matmul
+from qwen_mlx.model.qwen2 import Qwen2
+from qwen_mlx.store.quantize import quantize_model
 
 
 def quantized_model(dtype: mx.Dtype = mx.float16, tied: bool = True) -> Qwen2:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_mlx.tokenizer import BYTE_ENCODER, StreamingDetokenizer, Tokenizer
+from qwen_mlx.text.tokenizer import BYTE_ENCODER, StreamingDetokenizer, Tokenizer
 
 EMBEDDING_ROWS = 152_064  # Qwen2.5's embedding is padded past the vocabulary; the model may emit any row
 MAX_PENDING = 3  # the longest unfinished UTF-8 character: a lead byte and two of its three continuation bytes

@@ -12,9 +12,9 @@ from hf_models import save_tiny_qwen2
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError
-from qwen_mlx.cache import PromptCache
-from qwen_mlx.config import ModelConfig
-from qwen_mlx.sample import SamplingParams
+from qwen_mlx.model.cache import PromptCache
+from qwen_mlx.model.config import ModelConfig
+from qwen_mlx.model.generation_config import SamplingParams
 
 
 @pytest.fixture(scope="module")

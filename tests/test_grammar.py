@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from qwen_mlx import QwenMLXError, generate, load
-from qwen_mlx.grammar import check_grammar, json_schema_grammar, tool_call_grammar
+from qwen_mlx.text.grammar import check_grammar, json_schema_grammar, tool_call_grammar
 
 CONFIG = {"vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
           "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048}

@@ -1,11 +1,12 @@
-"""The code's layout as the style notes promise it: no import cycles, thin shells, one home per command."""
+"""The code's layout as the style notes promise it: packages named for the layers, each importing only the ones
+below it; no import cycles; thin shells; one home per command."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from qwen_mlx.cli import COMMANDS, build_parser
+from qwen_mlx.cli.main import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where each top-level folder installs (pyproject's package-dir).
@@ -54,6 +55,49 @@ def imported(path: Path, name: str, known: set[str]) -> set[str]:
     return {t for t in targets if t in known and t != name}
 
 
+# Which layers each part of the code may import. The library's layers, bottom up, then the public API (the
+# package's __init__) and the front ends, which sit on top of all of them and share their command-line pieces
+# through cli/.
+BASE = {"base"}
+LIBRARY = {"base", "model", "text", "store", "engine", "serving"}
+MAY_IMPORT = {
+    "base": BASE,
+    "model": BASE | {"model"},
+    "text": BASE | {"text"},
+    "store": BASE | {"model", "text", "store"},
+    "engine": BASE | {"model", "text", "store", "engine"},
+    "serving": LIBRARY,
+    "api": LIBRARY - {"serving"},
+    "cli": LIBRARY | {"cli", "converter", "webui"},
+    "converter": LIBRARY | {"converter"},
+    "webui": LIBRARY | {"cli", "webui"},
+}
+
+
+def layer(module: str) -> str:
+    """The layer a module belongs to: its package under qwen_mlx/, or base for the modules directly in it."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "api"
+    return "base" if parts[1] in ("errors", "files", "blas") else parts[1]
+
+
+def test_every_package_imports_only_the_layers_below_it() -> None:
+    found = modules()
+    wrong = []
+    for name, path in sorted(found.items()):
+        own = layer(name)
+        assert own in MAY_IMPORT, f"{name}: a module outside every layer; put it in one of {sorted(MAY_IMPORT)}"
+        wrong += [f"{name} ({own}) imports {target} ({layer(target)})"
+                  for target in sorted(imported(path, name, set(found))) if layer(target) not in MAY_IMPORT[own]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_base_is_only_the_shared_pieces() -> None:
+    base = sorted(p.name for p in (ROOT / "qwen_mlx").glob("*.py"))
+    assert set(base) <= {"__init__.py", "errors.py", "files.py", "blas.py"}, base
+
+
 def test_no_module_imports_a_module_that_imports_it() -> None:
     found = modules()
     graph = {name: imported(path, name, set(found)) for name, path in found.items()}
@@ -98,7 +142,7 @@ def test_the_runtime_imports_neither_mlx_lm_nor_transformers() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, qwen_mlx, qwen_mlx.cli, qwen_mlx.server, qwen_mlx.webui.app, qwen_mlx.conversion; "
+    code = ("import sys, qwen_mlx, qwen_mlx.cli, qwen_mlx.serving.app, qwen_mlx.webui.app, qwen_mlx.store.conversion; "
             "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ from hf_models import save_tiny_qwen2
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError
-from qwen_mlx.cache import make_cache
+from qwen_mlx.model.cache import make_cache
 
 
 @pytest.fixture(scope="module")

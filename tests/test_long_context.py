@@ -17,8 +17,8 @@ from hf_models import load_hf, save_tiny_qwen2
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError
-from qwen_mlx.cache import PromptCache, load_prompt_cache, make_cache, save_prompt_cache
-from qwen_mlx.config import ModelConfig
+from qwen_mlx.model.cache import PromptCache, load_prompt_cache, make_cache, save_prompt_cache
+from qwen_mlx.model.config import ModelConfig
 
 ORIGINAL = 64  # max_position_embeddings of the tiny model: the switch
 CONTEXT = 256  # what it is loaded with: YaRN factor 4, as 131072 over Qwen2.5's 32768
@@ -240,7 +240,7 @@ def test_ctrl_c_cancels_the_reply_and_a_second_one_interrupts() -> None:
     import os
     import signal
 
-    from qwen_mlx.commands.terminal import interrupt_cancels
+    from qwen_mlx.cli.terminal import interrupt_cancels
 
     with interrupt_cancels() as cancel:
         os.kill(os.getpid(), signal.SIGINT)

@@ -15,11 +15,11 @@ from hf_models import REFERENCE_DIR
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError
-from qwen_mlx.cache import CacheSettings
-from qwen_mlx.cli import main
-from qwen_mlx.config import ModelConfig
-from qwen_mlx.memory import memory_budget, parse_bytes, plan_for_config, plan_for_folder, plan_for_model
-from qwen_mlx.random_model import tiny_config, write_random_model, write_random_quantized_model
+from qwen_mlx.cli.main import main
+from qwen_mlx.model.cache import CacheSettings
+from qwen_mlx.model.config import ModelConfig
+from qwen_mlx.store.memory import memory_budget, parse_bytes, plan_for_config, plan_for_folder, plan_for_model
+from qwen_mlx.store.synthetic import tiny_config, write_random_model, write_random_quantized_model
 
 # Narrow, with a small vocabulary, so that the KV cache and the activations are most of the memory.
 SHAPE = {"vocab_size": 2048, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
@@ -129,7 +129,7 @@ def test_a_model_that_cannot_fit_is_refused_before_any_weight_is_read(quantized:
     def never(*args: object) -> None:
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(sys.modules["qwen_mlx.load"], "load_weights", never)
+    monkeypatch.setattr(sys.modules["qwen_mlx.store.load"], "load_weights", never)
     with pytest.raises(QwenMLXError, match=r"weights take 0\.\d\d GB .* but MLX has 0\.00 GB here "
                                            r"\(QWEN_MLX_MEMORY_BUDGET\)") as e:
         qwen_mlx.load(quantized)
@@ -156,7 +156,7 @@ def test_a_context_flag_that_cannot_fit_fails_before_loading(half: Path, monkeyp
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     plan = plan_for_folder(half, ModelConfig.from_file(half / "config.json").with_context(131072))
     monkeypatch.setenv("QWEN_MLX_MEMORY_BUDGET", str(plan.total(131072, CacheSettings(kv_bits=4))))
-    monkeypatch.setattr("qwen_mlx.commands.flags.load", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("qwen_mlx.cli.flags.load", lambda *a, **k: pytest.fail("loaded"))
     assert main(["generate", "--model", str(half), "--context", "131072", "-p", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("qwen-mlx: error: --context 131072: 131072 positions needs")

@@ -16,8 +16,9 @@ import pytest
 from fake_hub import COMMIT, FakeHub, serve_hub
 
 import qwen_mlx
-from qwen_mlx import catalog, cli
-from qwen_mlx.names import ALIASES, aliases_of, repo_for_alias
+from qwen_mlx.cli import main as cli
+from qwen_mlx.store import catalog
+from qwen_mlx.store.names import ALIASES, aliases_of, repo_for_alias
 
 REPO = "mlx-community/Qwen2.5-0.5B-Instruct-4bit"
 ALIAS = "qwen2.5:0.5b"

@@ -11,7 +11,7 @@ import torch
 from hf_models import load_hf, save_tiny_qwen2
 
 import qwen_mlx
-from qwen_mlx.cache import make_cache
+from qwen_mlx.model.cache import make_cache
 
 CONFIGS = {
     "tied": {},
@@ -103,7 +103,7 @@ def test_yarn_frequencies_equal_transformers() -> None:
     from transformers import Qwen2Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from qwen_mlx.rope import yarn_parameters
+    from qwen_mlx.model.rope import yarn_parameters
 
     scaling = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     config = Qwen2Config(hidden_size=3584, num_attention_heads=28, rope_theta=1e6, max_position_embeddings=32768,

@@ -15,10 +15,10 @@ import ollama
 import pytest
 from conftest import DEMO_KEY
 
-from qwen_mlx.generate import GenerationChunk, GenerationStats
-from qwen_mlx.ollama_api import OLLAMA_VERSION, OllamaReply, parameter_count, parse_chat
-from qwen_mlx.openai_api import APIError, ServedModel
-from qwen_mlx.random_model import TINY_QWEN2
+from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
+from qwen_mlx.serving.ollama_api import OLLAMA_VERSION, OllamaReply, parameter_count, parse_chat
+from qwen_mlx.serving.openai_api import APIError, ServedModel
+from qwen_mlx.store.synthetic import TINY_QWEN2
 
 MODEL = "qwen2-demo"
 USER = [{"role": "user", "content": "Tell me about Paris."}]
@@ -97,7 +97,7 @@ def test_tools_reach_the_model_and_tool_results_go_back(client: ollama.Client) -
 def test_a_tool_call_in_the_reply_is_the_messages_tool_calls(qwen_tokenizer_dir: Path) -> None:
     """The model's `<tool_call>` markup, as it streams in pieces, becomes Ollama's tool_calls (arguments an object)
     and never content; the client's own response type reads it."""
-    from qwen_mlx.tokenizer import Tokenizer
+    from qwen_mlx.text.tokenizer import Tokenizer
 
     served = ServedModel(MODEL, FakeModel(), Tokenizer.from_folder(qwen_tokenizer_dir))
     request = parse_chat({"model": MODEL, "messages": USER, "tools": [ollama._utils.convert_function_to_tool(
@@ -121,8 +121,8 @@ class FakeModel:
     """What request checking reads of a model, without weights."""
 
     def __init__(self) -> None:
-        from qwen_mlx.config import ModelConfig
-        from qwen_mlx.sample import SamplingParams
+        from qwen_mlx.model.config import ModelConfig
+        from qwen_mlx.model.generation_config import SamplingParams
 
         self.config = ModelConfig.from_dict(TINY_QWEN2)
         self.sampling_defaults = SamplingParams()
@@ -144,7 +144,7 @@ def test_listings_show_ps_and_version(client: ollama.Client, demo_server: str) -
 
 
 def test_parameter_count_of_qwen25_7b_is_its_published_size() -> None:
-    from qwen_mlx.random_model import SHAPES
+    from qwen_mlx.store.synthetic import SHAPES
 
     assert round(parameter_count(SHAPES["qwen2.5-7b"]) / 1e9, 2) == 7.62
     assert round(parameter_count(SHAPES["qwen2.5-0.5b"]) / 1e9, 2) == 0.49

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from qwen_mlx.config import ModelConfig
-from qwen_mlx.grammar import tool_call_grammar
-from qwen_mlx.model import Qwen2
-from qwen_mlx.openai_api import APIError, ServedModel, parse_chat_request, parse_completion_request
-from qwen_mlx.random_model import tiny_config
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.model.config import ModelConfig
+from qwen_mlx.model.qwen2 import Qwen2
+from qwen_mlx.serving.openai_api import APIError, ServedModel, parse_chat_request, parse_completion_request
+from qwen_mlx.store.synthetic import tiny_config
+from qwen_mlx.text.grammar import tool_call_grammar
+from qwen_mlx.text.tokenizer import Tokenizer
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -124,8 +124,8 @@ def test_completion_prompts(model: ServedModel) -> None:
 def scripted_reply(model: ServedModel, text: str,
                    stream_pieces: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run a scripted model output through `ResponseBuilder` as streamed chunks; the payloads and the response."""
-    from qwen_mlx.generate import GenerationChunk, GenerationStats
-    from qwen_mlx.openai_api import ResponseBuilder
+    from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
+    from qwen_mlx.serving.openai_api import ResponseBuilder
 
     request = chat(model, messages=[{"role": "user", "content": "hi"}], tools=[TOOL])
     reply = ResponseBuilder(request, model)

@@ -26,14 +26,14 @@ from mlx.utils import tree_flatten
 from parallel_run import MAX_TOKENS, MESSAGES, PROMPT, weight_bytes
 from servers import free_port, start_server, stop_launched
 
-from qwen_mlx.config import ModelConfig
-from qwen_mlx.conversion import convert
+from qwen_mlx.engine.generate import generate
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.generate import generate
-from qwen_mlx.load import load
-from qwen_mlx.parallel import Parallel, check_shardable, stage_layers, weight_part
-from qwen_mlx.random_model import tiny_config
-from qwen_mlx.weights import read_tensor
+from qwen_mlx.model.config import ModelConfig
+from qwen_mlx.model.parallel import Parallel, check_shardable, stage_layers, weight_part
+from qwen_mlx.store.conversion import convert
+from qwen_mlx.store.load import load
+from qwen_mlx.store.synthetic import tiny_config
+from qwen_mlx.store.weights import read_tensor
 
 LAUNCH = [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring"]
 TESTS = Path(__file__).parent

@@ -20,7 +20,7 @@ from servers import free_port, start_server, stop_server
 
 import qwen_mlx
 from qwen_mlx import CacheSettings, PromptCache
-from qwen_mlx.prefix_cache import DiskTier, PrefixCache, ReplyMemory, read_tokens, settings_tag
+from qwen_mlx.engine.prefix_cache import DiskTier, PrefixCache, ReplyMemory, read_tokens, settings_tag
 
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0, "max_tokens": 12}
 SYSTEM = list(range(30, 130))  # a 100-token system prompt, or document
@@ -156,7 +156,7 @@ def test_a_file_a_killed_writer_left_is_never_read_as_a_cache(tiny: Loaded, tiny
         from pathlib import Path
         import mlx.core as mx
         import qwen_mlx
-        from qwen_mlx.prefix_cache import DiskTier
+        from qwen_mlx.engine.prefix_cache import DiskTier
         model, _ = qwen_mlx.load({str(tiny_folder)!r})
         save = mx.save_safetensors
         def slow(path, arrays, metadata):

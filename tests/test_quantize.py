@@ -7,10 +7,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from qwen_mlx.config import ModelConfig
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.model import Qwen2
-from qwen_mlx.quantize import dequantize_model, parameter_count, quantize_model
+from qwen_mlx.model.config import ModelConfig
+from qwen_mlx.model.qwen2 import Qwen2
+from qwen_mlx.store.quantize import dequantize_model, parameter_count, quantize_model
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

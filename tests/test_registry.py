@@ -14,10 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.load import load_model
-from qwen_mlx.memory import first_chunk_bytes, plan_for_folder
-from qwen_mlx.registry import (
+from qwen_mlx.engine.registry import (
     LocalModels,
     ModelNotFound,
     ModelRegistry,
@@ -25,8 +22,11 @@ from qwen_mlx.registry import (
     ModelSource,
     keep_alive_seconds,
 )
-from qwen_mlx.tokenizer import Tokenizer
-from qwen_mlx.worker import ModelWorker
+from qwen_mlx.engine.worker import ModelWorker
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.store.load import load_model
+from qwen_mlx.store.memory import first_chunk_bytes, plan_for_folder
+from qwen_mlx.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

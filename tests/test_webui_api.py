@@ -27,8 +27,8 @@ def write_test_model(folder: Path, context: int, seed: int = 0) -> Path:
     import mlx.core as mx
     from hf_models import TINY_VOCAB, write_tiny_tokenizer
 
-    from qwen_mlx.random_model import tiny_config, write_random_qwen2
-    from qwen_mlx.tokenizer import Tokenizer
+    from qwen_mlx.store.synthetic import tiny_config, write_random_qwen2
+    from qwen_mlx.text.tokenizer import Tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     write_random_qwen2(folder, tiny_config(vocab_size=TINY_VOCAB, max_position_embeddings=context, rope_theta=10000.0),

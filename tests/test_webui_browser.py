@@ -185,7 +185,7 @@ def focused_id(page: Any) -> str | None:
 
 def prompt_length(model: Path, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> int:
     """The prompt's tokens as the model's own chat template counts them (what the stats line must say)."""
-    from qwen_mlx.tokenizer import Tokenizer
+    from qwen_mlx.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_folder(model)
     return len(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True))

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from qwen_mlx.cli import main
+from qwen_mlx.cli.main import main
 
 
 @pytest.fixture

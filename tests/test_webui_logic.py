@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.text.tokenizer import Tokenizer
 from qwen_mlx.webui import branches
 from qwen_mlx.webui.attachments import MAX_BYTES, AttachmentError, read_attachment, with_attachments
 from qwen_mlx.webui.context import DROP_OLDEST, STOP, fit, model_messages, prompt_ids
@@ -185,9 +185,9 @@ def test_a_reply_whose_template_opened_the_thinking_block_streams_as_a_thinking_
     """DeepSeek-R1-Distill's template ends the prompt with "<think>\\n": the reply only closes the block."""
     from types import SimpleNamespace
 
-    from qwen_mlx.generate import GenerationChunk, GenerationStats
+    from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
+    from qwen_mlx.engine.worker import Job
     from qwen_mlx.webui.reply import LiveReply
-    from qwen_mlx.worker import Job
 
     conversation = Conversation()
     branches.append(conversation.tree, {"role": "user", "content": "2 + 2?"})

@@ -10,7 +10,7 @@ from hf_models import save_tiny_qwen2
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError
-from qwen_mlx.worker import Job, ModelWorker
+from qwen_mlx.engine.worker import Job, ModelWorker
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_conversations_share_their_common_prefix_and_keep_their_own_turns(folder
 
 
 def test_a_full_queue_refuses_new_jobs(folder: Path) -> None:
-    from qwen_mlx.worker import WorkerBusy
+    from qwen_mlx.engine.worker import WorkerBusy
 
     worker = ModelWorker(lambda: qwen_mlx.load(folder), max_queue=1)
     try:

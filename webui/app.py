@@ -15,8 +15,8 @@ from typing import Any
 
 import gradio as gr
 
-from qwen_mlx.request import MAX_TOKENS_LIMIT
-from qwen_mlx.sample import SamplingParams
+from qwen_mlx.engine.request import MAX_TOKENS_LIMIT
+from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.webui.chat import DEFAULT_MAX_TOKENS, ChatApp
 from qwen_mlx.webui.context import DROP_OLDEST, POLICIES
 from qwen_mlx.webui.conversations import ConversationStore

@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.commands.flags import (
+from qwen_mlx.cli.flags import (
     add_registry_arguments,
     add_server_arguments,
     check_server_arguments,

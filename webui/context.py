@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass
 from typing import Any
 
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.text.tokenizer import Tokenizer
 from qwen_mlx.webui.attachments import with_attachments
 from qwen_mlx.webui.rendering import without_thinking
 

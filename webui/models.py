@@ -1,6 +1,6 @@
 """The models a chat page can pick: the local ones and the aliases not downloaded yet, what a conversation's model
 shows before it runs (its tokenizer, default system prompt, context), and its worker when a reply is sent, loaded
-(downloaded first for an alias) by the registry that a server uses too (`qwen_mlx.registry`).
+(downloaded first for an alias) by the registry that a server uses too (`qwen_mlx.engine.registry`).
 
 No MLX here beyond reading a folder's headers: the workers' threads run the models.
 """
@@ -12,15 +12,15 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from qwen_mlx.cache import CacheSettings
+from qwen_mlx.engine.registry import ModelRegistry
+from qwen_mlx.engine.worker import Job, ModelWorker
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.hub import Progress, download
-from qwen_mlx.memory import memory_budget, plan_for_folder, usable_context
-from qwen_mlx.names import ALIASES, repo_for_alias
-from qwen_mlx.registry import ModelRegistry
-from qwen_mlx.tokenizer import Tokenizer
+from qwen_mlx.model.cache import CacheSettings
+from qwen_mlx.store.hub import Progress, download
+from qwen_mlx.store.memory import memory_budget, plan_for_folder, usable_context
+from qwen_mlx.store.names import ALIASES, repo_for_alias
+from qwen_mlx.text.tokenizer import Tokenizer
 from qwen_mlx.webui.rendering import THINK_OPEN
-from qwen_mlx.worker import Job, ModelWorker
 
 # The aliases the picker offers to download: the instruct models at 4 bits, by size (the full table is in names.py).
 PICKER_ALIASES = tuple(a for a in ALIASES if re.fullmatch(r"qwen2\.5(-coder)?:[\d.]+b", a))

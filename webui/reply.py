@@ -1,7 +1,7 @@
 """A reply being written: the assistant message that a worker Job's chunks fill, with what the page shows while
 it waits for a row or its prompt is read.
 
-No MLX here: the worker's thread runs the model; this only reads the Job's chunks (see qwen_mlx.worker).
+No MLX here: the worker's thread runs the model; this only reads the Job's chunks (see qwen_mlx.engine.worker).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from qwen_mlx.engine.worker import Job, ModelWorker
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.webui.conversations import Conversation, ConversationStore
 from qwen_mlx.webui.rendering import THINK_OPEN
-from qwen_mlx.worker import Job, ModelWorker
 
 PROGRESS_FROM = 512  # prompt tokens to compute from which the reply shows how far their reading has come
 

@@ -1,0 +1,299 @@
+"""One prefix cache for the whole process: the KV caches of finished turns, found again by their token ids, in RAM
+and on disk, so a request starts from the longest prefix any conversation has computed, across restarts.
+
+- An entry is a finished sequence's PromptCache, keyed by the ids it holds. A new prompt takes the entry that
+  shares the longest prefix with it: the entry itself when the prompt continues all of it (its conversation's
+  next turn), else a copy of the shared part (a regenerate, an edit, another conversation with the same system
+  prompt or document), which leaves the entry as it was.
+- A rotating cache that has wrapped cannot be trimmed, so it is only ever copied: each finished turn stays as a
+  checkpoint, and a regenerate, an edit or the next turn resumes from the closest one instead of from nothing.
+- RAM holds at most `ram_bytes`, least recently used out; entries pushed out, and all of them at `flush`
+  (shutdown), go to the disk tier: one safetensors file each under `$QWEN_MLX_HOME/kv-cache/<model>/<settings>/`,
+  written atomically (temp file, rename) and bounded by `disk_bytes`. The folder names the model's fingerprint
+  and the cache settings, and every file repeats them: a cache is never applied to another model or setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.files import replaced_atomically
+from qwen_mlx.model.cache import CacheSettings, PromptCache, load_prompt_cache, longest_common_prefix, save_prompt_cache
+
+log = logging.getLogger(__name__)
+
+STALE_TEMP_S = 600  # a temporary file this old was left by a writer that died (SIGKILL): removed at start
+
+
+@dataclass
+class CacheStats:
+    ram_entries: int = 0
+    ram_bytes: int = 0
+    disk_entries: int = 0
+    disk_bytes: int = 0
+    hits: int = 0  # requests that started from a cached prefix
+    disk_hits: int = 0  # ... read back from disk
+    misses: int = 0
+    reused_tokens: int = 0  # prompt tokens not computed thanks to it
+
+
+def settings_tag(settings: CacheSettings) -> str:
+    if settings.kv_bits is not None:
+        return f"q{settings.kv_bits}-g{settings.kv_group_size}"
+    if settings.max_kv_size is not None:
+        return f"rotating{settings.max_kv_size}-keep{settings.keep}"
+    return "full"
+
+
+def usable_prefix(cached: list[int], prompt: list[int], trimmable: bool) -> int:
+    """How many leading prompt ids a cache holding `cached` can serve: the shared prefix (one prompt token is
+    always left to compute), or, for a cache that cannot be trimmed, all of it or nothing."""
+    common = min(longest_common_prefix(cached, prompt), len(prompt) - 1)
+    if trimmable:
+        return common
+    return common if common == len(cached) else 0
+
+
+def copy_cache(cache: PromptCache, keep: int) -> PromptCache:
+    """A new PromptCache holding the first `keep` positions of `cache` (all of them if it cannot be trimmed), with
+    buffers of its own, so either can go on without changing the other."""
+    copied = PromptCache([type(c).from_state(*c.state()) for c in cache.caches], list(cache.tokens))
+    if copied.is_trimmable():
+        copied.trim(len(copied.tokens) - keep)
+    mx.eval([a for c in copied.caches for a in c.state()[0].values()])
+    return copied
+
+
+@dataclass
+class DiskTier:
+    """Prefix-cache entries as files, for one model and cache setting."""
+
+    folder: Path
+    fingerprint: str
+    tag: str
+    max_bytes: int
+    index: dict[Path, tuple[tuple[int, ...], int]] = field(default_factory=dict)  # file → (ids, bytes)
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        for path in self.folder.iterdir():
+            if path.name.startswith(".") and now - path.stat().st_mtime > STALE_TEMP_S:
+                path.unlink(missing_ok=True)  # a write a killed process never finished
+            elif path.suffix == ".safetensors" and not path.name.startswith("."):
+                tokens = read_tokens(path)
+                if tokens is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    self.index[path] = (tokens, path.stat().st_size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, size in self.index.values())
+
+    def path_for(self, tokens: list[int]) -> Path:
+        return self.folder / f"{hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32]}.safetensors"
+
+    def write(self, cache: PromptCache) -> None:
+        path = self.path_for(cache.tokens)
+        try:
+            save_prompt_cache(path, cache, {"fingerprint": self.fingerprint, "settings": self.tag})
+        except QwenMLXError as e:  # a full disk: the entry is dropped, the server goes on
+            log.warning("could not write a prefix-cache entry: %s", e)
+            return
+        self.index[path] = (tuple(cache.tokens), path.stat().st_size)
+        os.utime(path)
+        self._evict()
+
+    def read(self, path: Path) -> PromptCache | None:
+        """The entry in `path` (its file then removed: it lives in RAM from now on), if it is whole and ours."""
+        self.index.pop(path, None)
+        try:
+            cache, meta = load_prompt_cache(path)
+        except QwenMLXError as e:
+            log.warning("a damaged prefix-cache file was skipped: %s", e)
+            cache, meta = None, {}
+        path.unlink(missing_ok=True)
+        if cache is None or meta.get("fingerprint") != self.fingerprint or meta.get("settings") != self.tag:
+            return None
+        return cache
+
+    def _evict(self) -> None:
+        by_age = sorted(self.index, key=lambda p: p.stat().st_mtime if p.exists() else 0)
+        while self.index and self.nbytes > self.max_bytes:
+            oldest = by_age.pop(0)
+            self.index.pop(oldest, None)
+            oldest.unlink(missing_ok=True)
+
+
+def read_tokens(path: Path) -> tuple[int, ...] | None:
+    """The ids a prefix-cache file holds, from its header alone (None if it is not a whole cache file)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        size = path.stat().st_size
+        metadata = header.get("__metadata__", {})
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if metadata.get("format") != "qwen-mlx-prompt-cache" or 8 + length + end != size:
+            return None
+        return tuple(json.loads(metadata["tokens"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+class PrefixCache:
+    """The process's KV caches by token prefix, for one model and cache setting (see the module's docstring)."""
+
+    def __init__(self, model: nn.Module, settings: CacheSettings, ram_bytes: int, disk: DiskTier | None = None,
+                 entry_bytes: Callable[[PromptCache], int] | None = None):
+        self.model = model
+        self.entry_bytes = entry_bytes or (lambda cache: cache.nbytes)  # what an entry counts against ram_bytes
+        self.settings = settings
+        self.ram_bytes = ram_bytes
+        self.disk = disk
+        self.entries: OrderedDict[int, PromptCache] = OrderedDict()  # least recently used first
+        self.stats = CacheStats()
+        self._next = 0
+
+    def acquire(self, prompt: list[int]) -> PromptCache:
+        """The cache to run `prompt` in: the best entry (taken, or its shared prefix copied), or a new cache."""
+        best, usable, where = None, 0, None
+        for key, cache in self.entries.items():
+            n = usable_prefix(cache.tokens, prompt, cache.is_trimmable())
+            if n > usable:
+                best, usable, where = key, n, "ram"
+        for path, (tokens, _) in (self.disk.index.items() if self.disk else ()):
+            n = usable_prefix(list(tokens), prompt, self.settings.max_kv_size is None or len(tokens) <
+                              self.settings.max_kv_size)
+            if n > usable:
+                best, usable, where = path, n, "disk"
+        cache = self._take(best, where, usable)
+        if cache is None:
+            self.stats.misses += 1
+            return PromptCache.new(self.model, self.settings)
+        self.stats.hits += 1
+        self.stats.disk_hits += where == "disk"
+        self.stats.reused_tokens += usable
+        return cache
+
+    def _take(self, best: int | Path | None, where: str | None, usable: int) -> PromptCache | None:
+        if where == "disk":
+            cache = self.disk.read(best)
+            if cache is None:
+                return None
+            best = self._add(cache)  # back in RAM, then as any RAM entry
+        elif where != "ram":
+            return None
+        cache = self.entries[best]
+        # A prompt that continues the whole entry (its conversation's next turn) takes it; any other (a regenerate,
+        # an edit, another conversation with the same start) gets a copy of the shared part, so the entry stays
+        # as it was, a checkpoint to come back to. A wrapped rotating cache can only ever be copied.
+        if cache.is_trimmable() and usable >= len(cache.tokens):
+            return self.entries.pop(best)
+        self.entries.move_to_end(best)
+        return copy_cache(cache, usable)
+
+    def drop(self, cache: PromptCache | None) -> None:
+        """Forget an entry (its conversation was deleted)."""
+        for key, entry in list(self.entries.items()):
+            if entry is cache:
+                del self.entries[key]
+
+    def checkpoint(self, cache: PromptCache) -> None:
+        """Keep a copy of a live cache's state as it is now (a rotating cache at the end of its prompt)."""
+        self._add(copy_cache(cache, len(cache.tokens)))
+
+    def release(self, cache: PromptCache) -> None:
+        """A finished sequence's cache becomes an entry (the turn's checkpoint)."""
+        if cache.tokens:
+            cache.draft = None
+            self._add(cache)
+
+    def _add(self, cache: PromptCache) -> int:
+        for key, entry in list(self.entries.items()):
+            if entry.tokens == cache.tokens:  # the same ids twice: keep one
+                del self.entries[key]
+        key, self._next = self._next, self._next + 1
+        self.entries[key] = cache
+        self._evict(keep=key)
+        return key
+
+    def _evict(self, keep: int) -> None:
+        """Least recently used entries out of RAM (to disk) until the rest fit; the newest, `keep`, stays."""
+        while len(self.entries) > 1 and sum(map(self.entry_bytes, self.entries.values())) > self.ram_bytes:
+            oldest = next(k for k in self.entries if k != keep)
+            cache = self.entries.pop(oldest)
+            if self.disk is not None:
+                self.disk.write(cache)
+
+    def flush(self) -> None:
+        """Write every RAM entry to the disk tier (at shutdown), so the next process starts from them."""
+        if self.disk is None:
+            return
+        for cache in self.entries.values():
+            self.disk.write(cache)
+
+    def snapshot(self) -> CacheStats:
+        stats = self.stats
+        stats.ram_entries = len(self.entries)
+        stats.ram_bytes = sum(c.nbytes for c in self.entries.values())
+        stats.disk_entries = len(self.disk.index) if self.disk else 0
+        stats.disk_bytes = self.disk.nbytes if self.disk else 0
+        return stats
+
+
+class ReplyMemory:
+    """The token ids recent replies were generated as, by their text. A client that resends a conversation as text
+    (every OpenAI client) then gets the prompt ids the model saw, so its turn matches the cached prefix even where
+    the text would tokenize otherwise. Kept beside the disk tier, so it survives a restart with the caches."""
+
+    def __init__(self, path: Path | None = None, size: int = 256):
+        self.path = path
+        self.size = size
+        self.replies: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock = threading.Lock()  # the server's threads read and write it
+        if path is not None and path.exists():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                self.replies.update((text, ids) for text, ids in saved if isinstance(text, str)
+                                    and isinstance(ids, list) and all(type(t) is int for t in ids))
+            except (OSError, ValueError, TypeError):
+                log.warning("skipped a damaged reply memory: %s", path)
+
+    def remember(self, text: str, ids: list[int]) -> None:
+        if not (text and ids):
+            return
+        with self._lock:
+            self.replies[text] = list(ids)
+            self.replies.move_to_end(text)
+            while len(self.replies) > self.size:
+                self.replies.popitem(last=False)
+
+    def ids_for(self, text: str) -> list[int] | None:
+        with self._lock:
+            return self.replies.get(text)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            saved = json.dumps(list(self.replies.items()))
+        try:
+            with replaced_atomically(self.path) as tmp:
+                tmp.write_text(saved, encoding="utf-8")
+        except OSError as e:
+            log.warning("could not save the reply memory: %s", e)

@@ -1,0 +1,633 @@
+"""ModelWorker: one thread owns the model and runs every MLX operation; other threads send it requests.
+
+MLX streams are thread-local (mlx >= 0.31.2), and web servers run handlers on whichever thread is free, so the
+model, its caches and every array they touch stay on the worker's thread and its own stream. A request (`Job`)
+carries a checked `GenerationRequest`, a cancel flag and a queue that the worker fills with `GenerationChunk`s,
+the last of which has a `finish_reason` (or with the exception that ended it).
+
+Up to `max_batch` jobs decode together, one forward pass per step for all of them (`decode.Decoder`); a new job's
+prompt is prefilled a chunk at a time between the others' steps. With `max_queue`, at most that many jobs wait
+for a free row, and `submit` raises `WorkerBusy` beyond it. Nothing a job does, and nothing a client does with
+its chunks, ends the thread.
+
+With a `Lockstep` (a model split over several processes, `parallel`), every rank runs this loop: rank 0 takes
+the requests and shares each turn's decisions as a `lockstep.Plan`, the others follow it (`follow`), so all of
+them run the same forward passes. A rank that fails there ends its process with one line; `mlx.launch` then
+stops the others (and without it, they notice the lost peer at their next collective).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from qwen_mlx.engine.decode import Decoder
+from qwen_mlx.engine.decode import Sequence as TokenSequence
+from qwen_mlx.engine.generate import GenerationChunk, ReplyText, text_chunks
+from qwen_mlx.engine.lockstep import HEARTBEAT_S, Lockstep, Plan, Start, decode_request, encode_request
+from qwen_mlx.engine.prefix_cache import CacheStats, DiskTier, PrefixCache, ReplyMemory, settings_tag
+from qwen_mlx.engine.request import GenerationRequest, Prompt, prepare_request
+from qwen_mlx.engine.speculative import DraftModel
+from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.model.cache import CacheSettings, PromptCache
+from qwen_mlx.text.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 10.0  # `close` returns after this long even if the thread is stuck inside MLX
+FLUSH_TIMEOUT_S = 120.0  # ... and after this long writing the prefix cache to disk at shutdown
+RATE_WINDOW_S = 10.0  # aggregate tokens/s is measured over this many recent seconds
+
+Loader = Callable[[], tuple[nn.Module, Tokenizer]]
+
+
+class WorkerBusy(QwenMLXError):
+    """The queue of waiting requests is full."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request, as the worker runs it."""
+
+    session: str | None
+    request: GenerationRequest | None  # None: it failed before it was queued (its error is the first item)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    chunks: queue.SimpleQueue[GenerationChunk | BaseException] = field(default_factory=queue.SimpleQueue)
+    started: threading.Event = field(default_factory=threading.Event)  # set once it has a row (it is decoding)
+    prefill: tuple[int, int] | None = None  # (prompt tokens computed, to compute) while its prompt is prefilled
+    done: threading.Event = field(default_factory=threading.Event)  # set once the last item is queued
+    notify: Callable[[], None] | None = None  # called (on the worker's thread) after each item is queued
+    discard: bool = False  # a following rank's copy of rank 0's job: its output goes nowhere
+
+    def put(self, item: GenerationChunk | BaseException) -> None:
+        if self.discard:
+            return
+        self.chunks.put(item)
+        if self.notify is None:
+            return
+        try:
+            self.notify()
+        except Exception:  # e.g. the client's event loop is already closed: that client is gone, not the worker
+            log.debug("could not notify a client; cancelling its job", exc_info=True)
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the generation: the worker finishes it within one token, with finish_reason "cancelled"."""
+        self.cancelled.set()
+
+    def get(self, timeout: float | None = None) -> GenerationChunk | None:
+        """The next chunk, or None if none came within `timeout` seconds; raises the error that ended the job."""
+        try:
+            item = self.chunks.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+@dataclass(eq=False)
+class Running:
+    """A job in the decoder: its sequence and its text."""
+
+    job: Job
+    sequence: TokenSequence
+    reply: ReplyText
+    cancel: threading.Event  # what the decoder checks: the job's own flag, or under lockstep its shared copy
+    uid: int | None = None  # its name in lockstep plans
+
+
+@dataclass(frozen=True)
+class Forget:
+    """An errand: drop `session`'s cached turn."""
+
+    session: str
+
+
+@dataclass(frozen=True)
+class CacheTiers:
+    """Where the prefix cache keeps finished turns: at most `ram_bytes` in memory, then up to `disk_bytes` of
+    files under `folder` (None: no disk tier)."""
+
+    ram_bytes: int
+    folder: Path | None = None
+    disk_bytes: int = 0
+
+
+def default_ram_bytes() -> int:
+    """A tenth of the machine's memory for cached prefixes (the memory the model and its live rows need aside)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.1)
+    except (ValueError, OSError):
+        return 2 << 30
+
+
+class ModelWorker:
+    """Owns a model on a dedicated thread: loads it there, then decodes up to `max_batch` jobs at a time.
+
+    Finished turns go to one `PrefixCache` for the process (RAM, then disk with `tiers.folder`), so any request
+    starts from the longest prefix computed before, its own conversation's or another's, also after a restart.
+    A session (a conversation) runs one job at a time: a second one waits for the first, in order.
+    """
+
+    def __init__(
+        self,
+        load: Loader,
+        *,
+        cache: CacheSettings | None = None,
+        max_batch: int = 1,
+        tiers: CacheTiers | None = None,
+        max_queue: int | None = None,
+        options: dict[str, Any] | None = None,
+        load_draft: Callable[[Tokenizer], DraftModel] | None = None,
+        on_status: Callable[[str], None] | None = None,
+        lockstep: Lockstep | None = None,
+    ):
+        self.lockstep = lockstep
+        self.finished = threading.Event()  # under lockstep: rank 0 has said that it is done
+        self._exiting = False
+        self._uids = itertools.count()
+        self._by_uid: dict[int, Running] = {}
+        self._admitted: dict[int, Job] = {}  # rank 0's jobs between their plan and their start
+        self._forgotten: list[str] = []  # sessions for the next plan
+        self.cache_settings = cache or CacheSettings()
+        # `stream_generate` options every request gets unless it gives its own (a server's draft model, say)
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        self._load_draft = load_draft
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.waiting = 0  # submitted jobs not yet decoding
+        self.generated_tokens = 0  # over all jobs, for monitoring
+        self._token_times: deque[float] = deque()  # when recent tokens were generated (`tokens_per_second`)
+        self.model: nn.Module | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.load_error: BaseException | None = None
+        self.loaded = threading.Event()
+        self._load = load
+        self._on_status = on_status or (lambda message: None)
+        self._lock = threading.Lock()
+        # Jobs, and errands to run on this thread in turn.
+        self._inbox: queue.SimpleQueue[Job | Callable[[], Any]] = queue.SimpleQueue()
+        self._queued: deque[Job] = deque()  # jobs waiting for a row
+        self._running: dict[TokenSequence, Running] = {}
+        self._idle_waiters: list[threading.Event] = []  # set once no job is running (`close`)
+        self._decoder: Decoder | None = None
+        self.tiers = tiers or CacheTiers(default_ram_bytes())
+        self.prefixes: PrefixCache | None = None  # made once the model is loaded
+        self.replies = ReplyMemory()  # ... and then kept beside its disk tier
+        self._busy_sessions: set[str] = set()
+        # A session's last finished cache, for `forget`: weak, so an entry the prefix cache drops is freed.
+        self._entry_of: weakref.WeakValueDictionary[str, PromptCache] = weakref.WeakValueDictionary()
+        self._closing = threading.Event()
+        self._unload_asked = False  # `unload` was called: no more jobs
+        self._unloading = False  # set on this thread by `unload`'s errand: end the loop once nothing runs
+        self.unloaded = threading.Event()  # set once the model and its caches are dropped (the thread parks)
+        self._reload = threading.Event()  # wakes the parked thread for the next model
+        self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until the model is loaded (or failed to load); False if `timeout` ran out first."""
+        return self.loaded.wait(timeout)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    @property
+    def idle(self) -> bool:
+        """No job decoding, prefilling or waiting (a job counts as waiting from `submit` until it has a row)."""
+        return not self._running and self.waiting == 0
+
+    @property
+    def active(self) -> int:
+        """Jobs decoding (or prefilling) now."""
+        return len(self._running)
+
+    def cache_stats(self) -> CacheStats:
+        """The prefix cache's entries, sizes and hits (read from any thread: counters, no MLX)."""
+        return self.prefixes.snapshot() if self.prefixes is not None else CacheStats()
+
+    @property
+    def decode_passes(self) -> int:
+        """Forward passes that produced tokens so far: one batched pass serves every row decoding."""
+        return self._decoder.passes if self._decoder is not None else 0
+
+    def tokens_per_second(self) -> float:
+        """Tokens generated per second over all jobs, in the last `RATE_WINDOW_S` seconds."""
+        with self._lock:
+            since = time.monotonic() - RATE_WINDOW_S
+            while self._token_times and self._token_times[0] < since:
+                self._token_times.popleft()
+            return len(self._token_times) / RATE_WINDOW_S
+
+    def submit(self, session: str | None, prompt: Prompt, *, notify: Callable[[], None] | None = None,
+               **options: Any) -> Job:
+        """Queue a reply to `prompt` in `session` (`stream_generate`'s options); read its chunks with `job.get()`,
+        or when `notify` says one is there (an event loop's way of waiting). A bad request's error is the job's
+        first item."""
+        self.wait_loaded()
+        try:
+            if self.load_error is not None:
+                raise self.load_error
+            request = prepare_request(self.model, self.tokenizer, prompt, **{**self.options, **options})
+        except QwenMLXError as e:
+            job = Job(session, None, notify=notify)
+            job.put(e)
+            job.done.set()
+            return job
+        return self.submit_request(session, request, notify=notify)
+
+    def submit_request(self, session: str | None, request: GenerationRequest, *,
+                       notify: Callable[[], None] | None = None) -> Job:
+        """Queue a request already checked (`prepare_request`); raises `WorkerBusy` when the queue is full."""
+        if self._unload_asked:
+            raise WorkerBusy("the model was unloaded; send the request again to load it")
+        with self._lock:
+            if self.max_queue is not None and self.waiting >= self.max_queue:
+                raise WorkerBusy(f"the server is busy: {self.waiting} requests are already waiting; retry shortly")
+            self.waiting += 1
+        job = Job(session, request, notify=notify)
+        self._inbox.put(job)
+        return job
+
+    def forget(self, session: str) -> None:
+        """Drop a session's cached turn (its conversation was deleted), in turn on the worker's thread."""
+        self._inbox.put(Forget(session))
+
+    def cancel_all(self) -> None:
+        """Cancel the running and waiting jobs, and every job submitted from now on (the server is stopping):
+        each ends within a token with finish_reason "cancelled"."""
+        self._closing.set()
+        for running in list(self._running.values()):
+            running.job.cancel()
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """`cancel_all`, then wait until the thread is idle, for at most `timeout` seconds; False if it did not get
+        there in time.
+
+        Call it before the interpreter exits: a thread inside MLX then aborts the process. The thread itself stays
+        parked rather than ending, since MLX's thread-local cleanup at thread exit also needs the interpreter.
+        """
+        if self.unloaded.is_set():
+            return True
+        self.cancel_all()
+        idle = threading.Event()
+        self._inbox.put(lambda: self._idle_waiters.append(idle))
+        if not idle.wait(timeout):
+            log.warning("the model thread did not become idle within %.0f s", timeout)
+            return False
+        if self.lockstep is not None:
+            self._inbox.put(lambda: setattr(self, "_exiting", True))
+            if not self.finished.wait(timeout):
+                log.warning("the other processes did not take the last step within %.0f s", timeout)
+                return False
+        if self.prefixes is not None and self.prefixes.disk is not None:
+            flushed = threading.Event()
+            self._inbox.put(lambda: (self.prefixes.flush(), self.replies.save(), flushed.set()))  # MLX: its thread
+            if not flushed.wait(FLUSH_TIMEOUT_S):
+                log.warning("writing the prefix cache to disk took longer than %.0f s", FLUSH_TIMEOUT_S)
+                return False
+        return True
+
+    def follow(self) -> None:
+        """On a rank other than 0: let this worker follow rank 0's plans until rank 0 is done."""
+        self.finished.wait()
+
+    def unload(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Cancel every job (each ends within a token), then drop the model, its draft model, the session caches
+        and the decoder on the thread, so that the memory their arrays hold is freed; False if that did not happen
+        within `timeout`. The worker takes no jobs until `reload`.
+
+        The thread is kept, parked, rather than ended: an MLX thread that ends can abort the process at exit (the
+        CPU backend's stream threads), and a parked one is ready for the next model (`reload`).
+        """
+        if self.unloaded.is_set():
+            return True
+        self._unload_asked = True
+        self.cancel_all()
+        self._inbox.put(self._end_loop)
+        return self.unloaded.wait(timeout)
+
+    def reload(self, load: Loader, *, options: dict[str, Any] | None = None,
+               load_draft: Callable[[Tokenizer], DraftModel] | None = None,
+               on_status: Callable[[str], None] | None = None) -> None:
+        """Load another model on this unloaded worker's thread, as a new worker would (see `__init__`)."""
+        if not self.unloaded.is_set():
+            raise RuntimeError("reload() needs an unloaded worker")
+        self._load, self._load_draft = load, load_draft
+        self._on_status = on_status or self._on_status
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        self.load_error = None
+        self.generated_tokens = 0
+        self._token_times.clear()
+        self._unload_asked = self._unloading = False
+        self._closing.clear()
+        self.loaded.clear()
+        self.unloaded.clear()
+        self._reload.set()
+
+    # --- on the worker's thread ---
+
+    def _end_loop(self) -> None:
+        self._unloading = True
+
+    def _run(self) -> None:
+        with mx.stream(mx.new_stream(mx.default_device())):
+            while True:
+                self._serve_model()
+                if self.finished.is_set():
+                    break  # lockstep: rank 0 is done
+                self._drop_model()
+                self._reload.wait()  # parked until `reload`
+                self._reload.clear()
+            threading.Event().wait()  # parked: see `close`
+
+    def _serve_model(self) -> None:
+        """Load the model, then take and decode jobs until `unload` asks to stop and nothing is left running (or,
+        under lockstep, until rank 0 is done)."""
+        self._on_status("loading the model")
+        try:
+            self.model, self.tokenizer = self._load()
+            if self._load_draft is not None:
+                self._on_status("loading the draft model")
+                self.options["draft_model"] = self._load_draft(self.tokenizer)
+            self._on_status("ready")
+        except Exception as e:  # any failure is reported to every request, the thread lives on
+            self.load_error = e if isinstance(e, QwenMLXError) else QwenMLXError(f"the model failed to load: {e}")
+            log.error("the model failed to load", exc_info=not isinstance(e, QwenMLXError))
+            self._on_status(f"failed: {self.load_error}")
+            if self.lockstep is not None:
+                self._abort(self.load_error)
+        decoder = Decoder(self.model, self.tokenizer, timed=self.lockstep is None) if self.model else None
+        self._decoder = decoder
+        if self.model is not None:
+            self.prefixes = self._prefix_cache()
+        self.loaded.set()
+        while not (self._unloading and not self._running and not self._queued) and not self.finished.is_set():
+            try:
+                if self.lockstep is not None:
+                    self._lockstep_turn(decoder)
+                else:
+                    self._take_inbox(block=not self._running and not self._queued)
+                    self._admit(decoder)
+                if self._running:
+                    self._step(decoder)
+                else:
+                    for idle in self._idle_waiters:
+                        idle.set()
+                    self._idle_waiters.clear()
+            except Exception as e:  # a bug here must not end the thread: fail what is running, go on
+                if self.lockstep is not None:  # ... unless the ranks may no longer be in step
+                    self._abort(e)
+                log.exception("the model thread hit an error; failing the running jobs")
+                self._fail_all(decoder, QwenMLXError("internal error while generating; see the server log"))
+
+    def _drop_model(self) -> None:
+        """`unload`'s end: nothing may keep a reference to the model's or the caches' arrays, or their memory stays.
+        The prefix cache's entries go to its disk tier first, so the model's next load resumes them."""
+        mx.synchronize()
+        if self.prefixes is not None and self.prefixes.disk is not None:
+            self.prefixes.flush()
+            self.replies.save()
+        self.model = self.tokenizer = self._decoder = self.prefixes = None
+        self.options.pop("draft_model", None)
+        self._entry_of.clear()
+        gc.collect()  # modules and caches may sit in reference cycles
+        mx.clear_cache()
+        self.unloaded.set()
+
+    def _abort(self, error: BaseException) -> None:
+        """End this rank's process with one line: the ranks can no longer take the same steps."""
+        rank = self.lockstep.group.rank()
+        if not isinstance(error, QwenMLXError):
+            log.error("rank %d failed", rank, exc_info=(type(error), error, error.__traceback__))
+        print(f"qwen-mlx: error: [rank {rank}] {error}; stopping", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    def _lockstep_turn(self, decoder: Decoder) -> None:
+        """One turn of the loop as every rank takes it: rank 0's plan, shared, then acted on."""
+        plan = None
+        if self.lockstep.leads:
+            idle = not self._running and not self._queued
+            # Idle, rank 0 still shares an (empty) plan every HEARTBEAT_S: a lost rank is noticed, not waited on.
+            self._take_inbox(block=idle, timeout=HEARTBEAT_S if idle else None)
+            plan = self._plan()
+        plan = self.lockstep.share(plan)
+        for session in plan.forget:
+            self.prefixes.drop(self._entry_of.pop(session, None))
+        for uid in plan.cancel:
+            if uid in self._by_uid:
+                self._by_uid[uid].cancel.set()
+        for start in plan.start:
+            self._start(decoder, self._job_for(start), uid=start.uid)
+            if self.lockstep.leads:
+                self._left_queue()
+        if plan.exit:
+            self.finished.set()
+
+    def _plan(self) -> Plan:
+        """Rank 0's decisions of this turn: what to forget, cancel and start, or to stop."""
+        plan = Plan(forget=self._forgotten, exit=self._exiting and not self._running)
+        self._forgotten = []
+        plan.cancel = [r.uid for r in self._running.values() if r.job.cancelled.is_set() and not r.cancel.is_set()]
+        if plan.exit:
+            return plan
+        for job in self._admissions():
+            uid = next(self._uids)
+            data = encode_request(job.request)
+            job.request = replace(job.request, seed=data["seed"])
+            self._admitted[uid] = job
+            plan.start.append(Start(uid, job.session, data))
+        return plan
+
+    def _job_for(self, start: Start) -> Job:
+        if self.lockstep.leads:
+            return self._admitted.pop(start.uid)
+        draft = self.options.get("draft_model")
+        return Job(start.session, decode_request(start.request, draft), discard=True)
+
+    def _prefix_cache(self) -> PrefixCache:
+        if self.lockstep is not None:
+            # Every rank's cache must keep and drop the same entries: rank 0's budget for all, in bytes every rank
+            # counts alike (a stage's first layer times all the layers), and no disk tier (disks differ).
+            plan = Plan(settings={"ram_bytes": self.tiers.ram_bytes}) if self.lockstep.leads else None
+            ram_bytes = self.lockstep.share(plan).settings["ram_bytes"]
+            layers = self.model.config.num_hidden_layers
+            return PrefixCache(self.model, self.cache_settings, ram_bytes,
+                               entry_bytes=lambda cache: cache.caches[0].nbytes * layers)
+        disk = None
+        if self.tiers.folder is not None and self.tiers.disk_bytes > 0 and self.model.fingerprint:
+            tag = settings_tag(self.cache_settings)
+            if self.model.config.dynamic_rope_scaling is not None:
+                # YaRN on demand: an entry's keys may be rotated with YaRN, which a model without it cannot read.
+                tag += f"-yarn{self.model.config.context_length}"
+            try:
+                disk = DiskTier(self.tiers.folder / self.model.fingerprint / tag, self.model.fingerprint, tag,
+                                self.tiers.disk_bytes)
+                self.replies = ReplyMemory(disk.folder.parent / "replies.json")
+            except OSError as e:
+                log.warning("no disk tier for the prefix cache (%s): %s", self.tiers.folder, e)
+        return PrefixCache(self.model, self.cache_settings, self.tiers.ram_bytes, disk)
+
+    def _take_inbox(self, block: bool, timeout: float | None = None) -> None:
+        """Move submitted jobs to the queue and run errands; wait for one when there is nothing else to do."""
+        try:
+            item = self._inbox.get(block=block, timeout=timeout)
+            while True:
+                if isinstance(item, Job):
+                    self._queued.append(item)
+                elif isinstance(item, Forget):
+                    if self.lockstep is not None:
+                        self._forgotten.append(item.session)
+                    elif self.prefixes is not None:
+                        self.prefixes.drop(self._entry_of.pop(item.session, None))
+                else:
+                    item()
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _admit(self, decoder: Decoder | None) -> None:
+        for job in self._admissions():
+            self._start(decoder, job)
+            self._left_queue()
+
+    def _left_queue(self) -> None:
+        with self._lock:  # only once it has a row: `idle` must not read true between the queue and the row
+            self.waiting -= 1
+
+    def _admissions(self) -> list[Job]:
+        """The queued jobs to start while rows are free (those cancelled meanwhile end here); a job whose
+        conversation is still generating (a double send) waits for it, in order, without holding up the others."""
+        deferred: list[Job] = []
+        starting: list[Job] = []
+        while self._queued and len(self._running) + len(starting) < self.max_batch:
+            job = self._queued.popleft()
+            if job.session is not None and job.session in self._busy_sessions:
+                deferred.append(job)
+                continue
+            if self.load_error is not None:
+                self._end(job, self.load_error)
+                self._left_queue()
+            elif job.cancelled.is_set() or self._closing.is_set():  # cancelled while waiting in the queue
+                self._end(job, GenerationChunk("", None, "cancelled"))
+                self._left_queue()
+            else:
+                starting.append(job)
+                if job.session is not None:
+                    self._busy_sessions.add(job.session)
+        self._queued.extendleft(reversed(deferred))
+        for job in starting:
+            self._busy_sessions.discard(job.session)
+        return starting
+
+    def _start(self, decoder: Decoder, job: Job, uid: int | None = None) -> None:
+        request = job.request
+        # Under lockstep the decoder sees a cancel only once every rank has it (`_lockstep_turn`).
+        cancel = job.cancelled if uid is None else threading.Event()
+        if not self._running:
+            mx.reset_peak_memory()  # a reply's peak memory counts from when the model last went busy
+        cache = self.prefixes.acquire(request.prompt_ids)
+
+        def on_prefill(done: int, total: int) -> None:
+            job.prefill = (done, total)
+            if done == total - 1 and not cache.is_trimmable():
+                # A rotating cache that wrapped in this prompt cannot be trimmed back to it later: keep the
+                # prompt's state as a checkpoint, so regenerating this turn does not rebuild it from nothing.
+                self.prefixes.checkpoint(cache)
+
+        try:
+            sequence = decoder.add(request, cache, cancel, on_prefill=on_prefill)
+        except Exception as e:
+            self._end(job, e if isinstance(e, QwenMLXError) else QwenMLXError(f"generation failed: {e}"))
+            return
+        if job.session is not None:
+            self._busy_sessions.add(job.session)
+        reply = ReplyText(self.tokenizer, sequence, self.model.config.context_length)
+        self._running[sequence] = running = Running(job, sequence, reply, cancel, uid)
+        if uid is not None:
+            self._by_uid[uid] = running
+        job.started.set()
+
+    def _step(self, decoder: Decoder) -> None:
+        replies = {s: r.reply for s, r in self._running.items()}
+        for reply, chunk in text_chunks(decoder, replies):
+            running = self._running[reply.sequence]
+            if chunk.finish_reason == "error":
+                error = reply.sequence.error
+                log.log(logging.INFO if isinstance(error, QwenMLXError) else logging.ERROR, "a generation failed",
+                        exc_info=(type(error), error, error.__traceback__) if not isinstance(error, QwenMLXError)
+                        else None)
+                self._stop(running, error=error)
+                continue
+            if chunk.token is not None:
+                self.generated_tokens += 1
+                with self._lock:
+                    self._token_times.append(time.monotonic())
+            running.job.put(chunk)
+            if chunk.finish_reason is not None:
+                self._stop(running)
+
+    def _stop(self, running: Running, error: BaseException | None = None) -> None:
+        del self._running[running.sequence]
+        self._by_uid.pop(running.uid, None)
+        session = running.job.session
+        self._busy_sessions.discard(session)
+        if error is None:  # a failed one may hold a half-written step: not kept
+            self.prefixes.release(running.sequence.cache)
+            if session is not None:
+                self._entry_of[session] = running.sequence.cache
+        if not self._running:
+            # A cancelled generation leaves its next step computing: wait for it, so that nothing runs on this
+            # thread's stream while it is idle or when the process exits (MLX then aborts).
+            mx.synchronize()
+        if error is not None:
+            self._end(running.job, error)
+        else:
+            running.job.done.set()
+
+    def _fail_all(self, decoder: Decoder | None, error: QwenMLXError) -> None:
+        if decoder is not None:
+            decoder.clear()
+        for running in list(self._running.values()):
+            self._stop(running, error=error)
+
+    def _end(self, job: Job, item: GenerationChunk | BaseException) -> None:
+        job.put(item)
+        job.done.set()
+
+
+class SlowedModel:
+    """The model, sleeping `delay` seconds before each step, so a tiny test model streams slowly enough to watch,
+    stop and disconnect from (QWEN_MLX_TOKEN_DELAY; tests and diagnostics only)."""
+
+    def __init__(self, model: nn.Module, delay: float):
+        self._model, self._delay = model, delay
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self._delay)
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def slowed_for_tests(model: nn.Module) -> nn.Module:
+    delay = float(os.environ.get("QWEN_MLX_TOKEN_DELAY") or 0)
+    return SlowedModel(model, delay) if delay > 0 else model
