@@ -4,6 +4,8 @@ the same as without any of it."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import mlx.core as mx
 import pytest
 from hf_models import save_tiny_qwen2
 from servers import free_port, start_server, stop_server
@@ -21,6 +24,9 @@ from servers import free_port, start_server, stop_server
 import qwen_mlx
 from qwen_mlx import CacheSettings, PromptCache
 from qwen_mlx.engine.prefix_cache import DiskTier, PrefixCache, ReplyMemory, read_tokens, settings_tag
+from qwen_mlx.engine.worker import CacheTiers, ModelWorker
+from qwen_mlx.store.synthetic import demo_model_folder
+from qwen_mlx.store.weights import fingerprint, weight_files
 
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0, "max_tokens": 12}
 SYSTEM = list(range(30, 130))  # a 100-token system prompt, or document
@@ -186,6 +192,51 @@ def test_a_file_a_killed_writer_left_is_never_read_as_a_cache(tiny: Loaded, tiny
     assert DiskTier(folder, model.fingerprint, "full", 1 << 30).index == {}
 
 
+def poison(folder: Path, entry: bytes) -> list[str]:
+    """Every kind of damage a disk-tier folder can hold, one a file; their names. `entry`: a whole entry's bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "seven-bytes.safetensors").write_bytes(b"\x07" * 7)
+    (folder / "huge-length.safetensors").write_bytes(b"\xff" * 8 + os.urandom(4096))  # claims 2**64 - 1 bytes
+    (folder / "random.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + os.urandom(4096))
+    (folder / "truncated.safetensors").write_bytes(entry[: len(entry) // 2])
+    mx.save_safetensors(str(folder / "foreign.safetensors"), {"w": mx.ones((4,))}, {"format": "mlx"})
+    (folder / "a-folder.safetensors").mkdir()
+    (folder / "dangling.safetensors").symlink_to(folder / "no-such-file")
+    os.mkfifo(folder / "fifo.safetensors")
+    return ["seven-bytes", "huge-length", "random", "truncated", "foreign", "a-folder", "dangling", "fifo"]
+
+
+def test_a_damaged_disk_tier_never_keeps_the_worker_from_starting(tiny: Loaded, tiny_folder: Path,
+                                                                  tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    model, _ = tiny
+    whole = disk_tier(model, tmp_path / "whole")
+    cache = PromptCache.new(model)
+    cache.prefill(model, SYSTEM)
+    whole.write(cache)
+    entry = next(iter(whole.index))
+    folder = disk_tier(model, tmp_path / "kv-cache").folder
+    shutil.copy(entry, folder / entry.name)
+    names = poison(folder, entry.read_bytes())
+    worker = ModelWorker(lambda: qwen_mlx.load(tiny_folder), tiers=CacheTiers(1 << 30, tmp_path / "kv-cache", 1 << 30))
+    try:
+        assert worker.wait_loaded(60) and worker.load_error is None
+        messages = [{"role": "user", "content": "hello"}]
+        job = worker.submit("s", messages, temperature=0, max_tokens=4)
+        chunks = [job.get(timeout=60)]
+        while chunks[-1] is not None and chunks[-1].finish_reason is None:
+            chunks.append(job.get(timeout=60))
+        assert chunks[-1] is not None and chunks[-1].finish_reason == "length"
+        assert list(worker.prefixes.disk.index) == [folder / entry.name]  # the whole entry is still found
+        assert sorted(p.name for p in folder.iterdir()) == sorted(["damaged", entry.name])
+        assert sorted(p.name.split("-", 1)[1] for p in (folder / "damaged").iterdir()) == \
+            sorted(f"{name}.safetensors" for name in names)
+    finally:
+        worker.close()
+    for name in names:  # each named once
+        assert sum(f"{name}.safetensors" in r.getMessage() for r in caplog.records) == 1, name
+
+
 def test_a_reply_resent_as_text_matches_the_ids_it_was_generated_as(tiny: Loaded) -> None:
     model, tokenizer = tiny
     messages = [{"role": "user", "content": "Tell me about the mill."}]
@@ -278,3 +329,29 @@ def test_regenerating_a_first_turn_that_wrapped_the_rotating_cache_starts_from_i
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
     finally:
         stop_server(process)
+
+
+def test_serve_starts_from_a_poisoned_disk_tier_and_says_what_it_set_aside(tiny: Loaded, tmp_path: Path) -> None:
+    model, _ = tiny
+    whole = disk_tier(model, tmp_path / "whole")
+    cache = PromptCache.new(model)
+    cache.prefill(model, SYSTEM)
+    whole.write(cache)
+    home = tmp_path / "home"
+    demo = demo_model_folder(home / "models")
+    names = poison(home / "kv-cache" / fingerprint(demo, weight_files(demo)) / "full",
+                   next(iter(whole.index)).read_bytes())
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    process = start_server(["serve", "--demo", "--port", str(port)], f"{url}/health", log,
+                           env={"QWEN_MLX_HOME": str(home)})
+    try:
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": "qwen2-demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert response.status_code == 200, response.text
+    finally:
+        stop_server(process)
+    said = log.read_text()
+    for name in names:
+        assert said.count(f"set aside {name}.safetensors") == 1, said

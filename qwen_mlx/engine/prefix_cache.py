@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -32,10 +34,13 @@ import mlx.nn as nn
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import replaced_atomically
 from qwen_mlx.model.cache import CacheSettings, PromptCache, load_prompt_cache, longest_common_prefix, save_prompt_cache
+from qwen_mlx.store.weights import header_entries, read_header
 
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 600  # a temporary file this old was left by a writer that died (SIGKILL): removed at start
+DAMAGED = "damaged"  # the folder, beside the entries, that unusable entries are moved into
+DAMAGED_KEPT = 8  # ... the newest few of them: a cache that keeps breaking must not fill the disk
 
 
 @dataclass
@@ -79,7 +84,11 @@ def copy_cache(cache: PromptCache, keep: int) -> PromptCache:
 
 @dataclass
 class DiskTier:
-    """Prefix-cache entries as files, for one model and cache setting."""
+    """Prefix-cache entries as files, for one model and cache setting.
+
+    Nothing in the folder is trusted: an entry that is damaged, truncated, another model's, or not a file at all
+    (a folder, a dangling link, a FIFO) is set aside into `damaged/` (`set_aside`), so no file can keep a model
+    from starting or give it another's state."""
 
     folder: Path
     fingerprint: str
@@ -90,15 +99,18 @@ class DiskTier:
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         now = time.time()
-        for path in self.folder.iterdir():
-            if path.name.startswith(".") and now - path.stat().st_mtime > STALE_TEMP_S:
-                path.unlink(missing_ok=True)  # a write a killed process never finished
-            elif path.suffix == ".safetensors" and not path.name.startswith("."):
-                tokens = read_tokens(path)
-                if tokens is None:
-                    path.unlink(missing_ok=True)
-                else:
-                    self.index[path] = (tokens, path.stat().st_size)
+        for path in sorted(self.folder.iterdir()):
+            if path.name == DAMAGED:
+                continue
+            try:
+                info = path.lstat()
+                if path.name.startswith(".") and stat.S_ISREG(info.st_mode):
+                    if now - info.st_mtime > STALE_TEMP_S:
+                        path.unlink(missing_ok=True)  # a write a killed process never finished
+                    continue  # ... or one in progress
+                self.index[path] = (entry_tokens(path, info), info.st_size)
+            except (OSError, ValueError) as e:
+                self.set_aside(path, str(e))
 
     @property
     def nbytes(self) -> int:
@@ -124,12 +136,33 @@ class DiskTier:
         try:
             cache, meta = load_prompt_cache(path)
         except QwenMLXError as e:
-            log.warning("a damaged prefix-cache file was skipped: %s", e)
-            cache, meta = None, {}
-        path.unlink(missing_ok=True)
-        if cache is None or meta.get("fingerprint") != self.fingerprint or meta.get("settings") != self.tag:
+            self.set_aside(path, str(e))
             return None
+        if meta.get("fingerprint") != self.fingerprint or meta.get("settings") != self.tag:
+            self.set_aside(path, "another model's or cache setting's entry")
+            return None
+        path.unlink(missing_ok=True)
         return cache
+
+    def set_aside(self, path: Path, reason: str) -> None:
+        """Move an entry that cannot be used out of the way, into `damaged/` beside it for a look (the newest
+        DAMAGED_KEPT), else delete it; named once in the log."""
+        self.index.pop(path, None)
+        if not os.path.lexists(path):  # another process sharing the folder took it first
+            return
+        damaged = self.folder / DAMAGED
+        try:
+            damaged.mkdir(exist_ok=True)
+            os.replace(path, damaged / f"{time.time_ns()}-{path.name}")  # the time first: oldest sorts first
+            for old in sorted(damaged.iterdir())[:-DAMAGED_KEPT]:
+                remove_path(old)
+            log.warning("prefix cache: set aside %s (%s) into %s", path.name, reason, damaged)
+        except OSError:
+            try:
+                remove_path(path)
+                log.warning("prefix cache: deleted %s (%s)", path, reason)
+            except OSError as e:
+                log.warning("prefix cache: skipped %s (%s); it cannot be moved or deleted: %s", path, reason, e)
 
     def _evict(self) -> None:
         by_age = sorted(self.index, key=lambda p: p.stat().st_mtime if p.exists() else 0)
@@ -139,19 +172,41 @@ class DiskTier:
             oldest.unlink(missing_ok=True)
 
 
+def remove_path(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder with all it holds."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def entry_tokens(path: Path, info: os.stat_result | None = None) -> tuple[int, ...]:
+    """The ids a prefix-cache file holds, from its header alone, once the file is known to be a whole cache file;
+    ValueError says why it is not. `info`: its lstat, when the caller has it."""
+    info = info or path.lstat()
+    if not stat.S_ISREG(info.st_mode):  # opening a FIFO would wait for a writer forever
+        raise ValueError("not a regular file")
+    header, length = read_header(path)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != "qwen-mlx-prompt-cache":
+        raise ValueError("not a qwen-mlx prompt cache")
+    end = max((v["data_offsets"][1] for v in header_entries(header).values()), default=0)
+    if 8 + length + end != info.st_size:
+        raise ValueError(f"{info.st_size} bytes where its header describes {8 + length + end}")
+    try:
+        tokens = json.loads(metadata["tokens"])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        tokens = None
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+        raise ValueError("its token list is damaged")
+    return tuple(tokens)
+
+
 def read_tokens(path: Path) -> tuple[int, ...] | None:
     """The ids a prefix-cache file holds, from its header alone (None if it is not a whole cache file)."""
     try:
-        with open(path, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length))
-        size = path.stat().st_size
-        metadata = header.get("__metadata__", {})
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if metadata.get("format") != "qwen-mlx-prompt-cache" or 8 + length + end != size:
-            return None
-        return tuple(json.loads(metadata["tokens"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return entry_tokens(path)
+    except (OSError, ValueError):
         return None
 
 

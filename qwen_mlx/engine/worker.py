@@ -483,6 +483,8 @@ class ModelWorker:
                 self.replies = ReplyMemory(disk.folder.parent / "replies.json")
             except OSError as e:
                 log.warning("no disk tier for the prefix cache (%s): %s", self.tiers.folder, e)
+            except Exception:  # a cache must never keep the model from serving: without it, and the bug logged
+                log.exception("no disk tier for the prefix cache (%s)", self.tiers.folder)
         return PrefixCache(self.model, self.cache_settings, self.tiers.ram_bytes, disk)
 
     def _take_inbox(self, block: bool, timeout: float | None = None) -> None:

@@ -33,14 +33,7 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
         if path.is_dir():
             raise QwenMLXError(f"{path}: is a folder, not a safetensors file; re-download the model")
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than a safetensors header")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8:
-                raise ValueError("header runs past the end of the file")
-            header = json.loads(f.read(header_len))
+        header, header_len = read_header(path)
         entries = header_entries(header)
     except FileNotFoundError:
         raise QwenMLXError(f"{path}: missing; re-download the model") from None
@@ -54,6 +47,31 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             f"{path}: truncated ({size} bytes, its header needs {8 + header_len + end}); re-download it"
         )
     return entries
+
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own cap on a header (its reference reader refuses more)
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (its "__metadata__" included) and its length in bytes. The length in the first 8
+    bytes is checked against the file's size and the format's cap before anything is read: a damaged or foreign
+    file can claim any length, and reading it would run out of memory. ValueError says what is wrong."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"its header length ({header_len} bytes) runs past the end of the file or the "
+                             f"format's {MAX_HEADER_BYTES}-byte limit")
+        try:
+            header = json.loads(f.read(header_len))
+        except RecursionError:
+            raise ValueError("its header nests too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    return header, header_len
 
 
 def header_entries(header: Any) -> dict[str, dict[str, Any]]:
