@@ -22,9 +22,11 @@ from hf_models import save_tiny_qwen2
 from servers import free_port, start_server, stop_server
 
 import qwen_mlx
-from qwen_mlx import CacheSettings, PromptCache
+from qwen_mlx import CacheSettings, PromptCache, QwenMLXError
+from qwen_mlx.cli.terminal import prompt_cache_metadata, read_prompt_cache
 from qwen_mlx.engine.prefix_cache import DiskTier, PrefixCache, ReplyMemory, read_tokens, settings_tag
 from qwen_mlx.engine.worker import CacheTiers, ModelWorker
+from qwen_mlx.store import weights
 from qwen_mlx.store.synthetic import demo_model_folder
 from qwen_mlx.store.weights import fingerprint, weight_files
 
@@ -133,6 +135,54 @@ def test_a_cache_of_another_model_or_setting_is_never_applied(tiny: Loaded, tmp_
     arrays, meta = qwen_mlx.load_prompt_cache(planted)
     qwen_mlx.save_prompt_cache(planted, arrays, {**meta, "fingerprint": "f" * 32})
     assert DiskTier(ours.folder, ours.fingerprint, ours.tag, 1 << 30).read(planted) is None
+
+
+def differ_late(folder: Path, into: Path) -> Path:
+    """A copy of the model in `folder` with one byte of its weights changed, late in the file, where the old
+    fingerprint (64 evenly spaced 4 KiB blocks) never looked."""
+    shutil.copytree(folder, into)
+    weights = into / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) * 64 // 65 - 64] ^= 0x40  # between the last two sampled blocks, in a weight's mantissa
+    weights.write_bytes(data)
+    return into
+
+
+def test_models_of_one_shape_that_differ_in_one_late_block_share_no_cache(tiny: Loaded, tiny_folder: Path,
+                                                                          tmp_path: Path) -> None:
+    model, _ = tiny
+    other = qwen_mlx.load(differ_late(tiny_folder, tmp_path / "other"))
+    assert other[0].fingerprint != model.fingerprint
+    ours = PrefixCache(model, CacheSettings(), ram_bytes=1 << 30, disk=disk_tier(model, tmp_path / "kv"))
+    prompt = SYSTEM + [1]
+    run(tiny, ours, prompt)
+    ours.flush()
+    theirs = PrefixCache(other[0], CacheSettings(), ram_bytes=1 << 30, disk=disk_tier(other[0], tmp_path / "kv"))
+    assert theirs.disk.index == {} and run(other, theirs, prompt).stats.prefilled_tokens == len(prompt)
+    saved = PromptCache.new(model)
+    saved.prefill(model, SYSTEM)
+    qwen_mlx.save_prompt_cache(tmp_path / "prompt.safetensors", saved, prompt_cache_metadata("tiny", model, []))
+    with pytest.raises(QwenMLXError, match="other weights"):
+        read_prompt_cache(str(tmp_path / "prompt.safetensors"), other[0])
+
+
+def test_a_weight_files_digest_is_remembered_until_the_file_changes(tiny_folder: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = shutil.copytree(tiny_folder, tmp_path / "model")
+    files, index = weight_files(folder), tmp_path / "fingerprints.json"
+    first = fingerprint(folder, files, index)
+    read, digest = [], weights.file_digest
+    monkeypatch.setattr(weights, "file_digest", lambda path: read.append(path) or digest(path))
+    assert fingerprint(folder, files, index) == first and read == []  # remembered: not read again
+    original = files[0].read_bytes()
+    changed = bytearray(original)
+    changed[-1] ^= 1
+    files[0].write_bytes(changed)  # the same size, in place: a new mtime
+    assert fingerprint(folder, files, index) != first and read == files
+    files[0].write_bytes(original)
+    assert fingerprint(folder, files, index) == first  # the bytes, not the stamp, make the digest
+    index.write_text("{damaged")
+    assert fingerprint(folder, files, index) == first
 
 
 def test_a_wrapped_rotating_cache_resumes_from_the_last_turns_checkpoint(tiny: Loaded) -> None:

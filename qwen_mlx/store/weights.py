@@ -1,9 +1,10 @@
-"""Safetensors weight files: reading a model folder's (checked before use) and writing them in shards."""
+"""Safetensors weight files: reading a model folder's (checked before use), fingerprints, writing them in shards."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.files import read_json
+from qwen_mlx.files import data_home, read_json, replaced_atomically
+
+log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's MAX_FILE_SIZE_GB
 
@@ -168,23 +171,61 @@ def read_tensor(path: Path, name: str, axis: int | None = None, start: int = 0, 
     return array.view(dtype) if array.dtype != dtype else array
 
 
-FINGERPRINT_SAMPLES = 64  # blocks read from each weight file for its fingerprint
-FINGERPRINT_BLOCK = 4096
+FINGERPRINT_INDEX = "fingerprints.json"  # under data_home(): each weight file's digest, by its size, mtime and inode
+HASH_CHUNK = 8 << 20
 
 
-def fingerprint(folder: Path, files: list[Path]) -> str:
-    """A digest that tells one checkpoint from another: config.json, each weight file's name, size and header, and
-    evenly spaced blocks of its data (a few hundred KiB in all), so two models of one shape but other weights differ
-    without reading gigabytes."""
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
+def fingerprint(folder: Path, files: list[Path], index: Path | None = None) -> str:
+    """A digest that tells one checkpoint from another: config.json and every byte of every weight file, so two
+    models of one shape that differ anywhere never share a cache. A file's own digest is computed once (about a
+    second per GB) and remembered in `index` (default: fingerprints.json under the app's home) by its size,
+    modification time and inode; a file whose stamp differs from the remembered one is read again."""
+    index = index or data_home() / FINGERPRINT_INDEX
+    known = read_fingerprint_index(index)
+    digest = hashlib.blake2b((folder / "config.json").read_bytes(), digest_size=16)
+    changed = False
     for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as f:
-            for i in range(FINGERPRINT_SAMPLES + 1):
-                f.seek(size * i // (FINGERPRINT_SAMPLES + 1))
-                digest.update(f.read(FINGERPRINT_BLOCK))
-    return digest.hexdigest()[:32]
+        info = path.stat()
+        key, stamp = str(path.resolve()), [info.st_size, info.st_mtime_ns, info.st_ino]
+        remembered = known.get(key)
+        if not (isinstance(remembered, list) and remembered[:3] == stamp and len(remembered) == 4):
+            remembered = known[key] = [*stamp, file_digest(path)]
+            changed = True
+        digest.update(f"{path.name}:{remembered[3]}".encode())
+    if changed:
+        write_fingerprint_index(index, known)
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file's bytes, read in chunks into one buffer."""
+    digest = hashlib.blake2b(digest_size=16)
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb") as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def read_fingerprint_index(index: Path) -> dict[str, Any]:
+    """The remembered digests; a missing or damaged index is an empty one (every file is read again)."""
+    try:
+        return read_json(index)
+    except QwenMLXError:
+        return {}
+
+
+def write_fingerprint_index(index: Path, known: dict[str, Any]) -> None:
+    """Write the digests back atomically, without those of files that are gone. A home it cannot write to only
+    costs reading the weights again next time."""
+    kept = {key: value for key, value in known.items() if Path(key).exists()}
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_atomically(index) as tmp:
+            tmp.write_text(json.dumps(kept), encoding="utf-8")
+    except OSError as e:
+        log.warning("could not remember the weights' digests in %s: %s", index, e)
 
 
 def plan_shards(weights: dict[str, mx.array], max_shard_bytes: int) -> list[list[str]]:
