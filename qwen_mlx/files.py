@@ -19,16 +19,32 @@ def replaced_atomically(path: Path, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside `path`: write it inside the block, and it replaces `path` when the block ends.
 
     If the block fails (an error, Ctrl-C, a full disk), the temporary file is removed and `path` is untouched.
-    `suffix` names the temporary file's extension, for writers that insist on one.
+    `suffix` names the temporary file's extension, for writers that insist on one. The file's data reaches the disk
+    before the rename, and the rename before this returns: a power cut leaves the old file or the whole new one,
+    never a new name over missing or zeroed data.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    try:
+        fsync_path(path.parent)
+    except OSError:  # a file system that cannot sync a folder (some network ones): the file itself is on disk
+        pass
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's contents to the disk (what the writer wrote through its own handle)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def data_home() -> Path:

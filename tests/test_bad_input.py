@@ -26,6 +26,7 @@ from servers import free_port, start_server, stop_server
 import qwen_mlx
 from qwen_mlx import QwenMLXError
 from qwen_mlx.cli import main as cli
+from qwen_mlx.model.cache import cache_checksum
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +205,20 @@ def saved_cache(good: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def resave(target: Path, arrays: dict[str, mx.array], header: dict[str, str]) -> None:
+    """Save a hand-edited cache with its checksum made anew, so the check under test is the one that speaks."""
+    checksum = cache_checksum(arrays, header["layers"], header["tokens"])
+    mx.save_safetensors(str(target), arrays, {**header, "checksum": checksum})
+
+
 def rewrite_cache(path: Path, target: Path, **header: str) -> None:
     arrays, meta = mx.load(str(path), return_metadata=True)
-    mx.save_safetensors(str(target), arrays, {**meta, **header})
+    resave(target, arrays, {**meta, **header})
+
+
+def zero_the_arrays(path: Path, target: Path) -> None:
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    mx.save_safetensors(str(target), {k: mx.zeros_like(v) for k, v in arrays.items()}, meta)
 
 
 def only_the_format_tag(path: Path, target: Path) -> None:
@@ -216,8 +228,8 @@ def only_the_format_tag(path: Path, target: Path) -> None:
 def drop_a_layer(path: Path, target: Path) -> None:
     arrays, meta = mx.load(str(path), return_metadata=True)
     layers = json.loads(meta["layers"])[:1]
-    mx.save_safetensors(str(target), {k: v for k, v in arrays.items() if k.startswith("layers.0.")},
-                        {**meta, "layers": json.dumps(layers)})
+    resave(target, {k: v for k, v in arrays.items() if k.startswith("layers.0.")},
+           {**meta, "layers": json.dumps(layers)})
 
 
 PROMPT_CACHE_ROWS: list[tuple[str, Callable[[Path, Path], None], str]] = [
@@ -229,6 +241,7 @@ PROMPT_CACHE_ROWS: list[tuple[str, Callable[[Path, Path], None], str]] = [
     ("arrays of another model", drop_a_layer, "made with another model"),
     ("tokens not matching the arrays", lambda p, t: rewrite_cache(p, t, tokens="[1, 2, 3]"),
      "does not match its arrays"),
+    ("arrays zeroed", zero_the_arrays, "do not match their checksum"),
     ("another model's weights", lambda p, t: rewrite_cache(p, t, metadata=json.dumps({
         **json.loads(mx.load(str(p), return_metadata=True)[1]["metadata"]), "model_fingerprint": "0" * 32})),
      "made with other weights"),

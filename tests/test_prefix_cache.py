@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
+import struct
 import subprocess
 import sys
 import textwrap
@@ -285,6 +287,49 @@ def test_a_damaged_disk_tier_never_keeps_the_worker_from_starting(tiny: Loaded, 
         worker.close()
     for name in names:  # each named once
         assert sum(f"{name}.safetensors" in r.getMessage() for r in caplog.records) == 1, name
+
+
+def overwrite_data(path: Path, pattern: bytes) -> None:
+    """Damage a cache file as a bad disk or a crash would: `pattern` over 4 KiB in the middle of its arrays,
+    its header and size as they were."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    middle = (start + len(data)) // 2
+    data[middle : middle + 4096] = (pattern * 4096)[:4096]
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("pattern", [b"\0", struct.pack("<f", float("nan"))], ids=["zeroed", "nan"])
+def test_a_corrupted_entry_is_refused_and_the_reply_is_the_uncached_one(tiny: Loaded, tmp_path: Path,
+                                                                        pattern: bytes) -> None:
+    model, _ = tiny
+    store = PrefixCache(model, CacheSettings(), ram_bytes=1 << 30, disk=disk_tier(model, tmp_path))
+    prompt = SYSTEM + [250, 251]
+    first = run(tiny, store, prompt)
+    store.flush()
+    [entry] = store.disk.index
+    overwrite_data(entry, pattern)
+    restarted = PrefixCache(model, CacheSettings(), ram_bytes=1 << 30, disk=disk_tier(model, tmp_path))
+    assert entry in restarted.disk.index  # its header is whole: found at start, refused once its arrays are read
+    follow_up = prompt + first.tokens + [260]
+    again = run(tiny, restarted, follow_up)
+    assert again.stats.prefilled_tokens == len(follow_up)
+    assert again.tokens == fresh(tiny, follow_up).tokens
+    assert not entry.exists() and len(list((entry.parent / "damaged").iterdir())) == 1
+
+
+def test_an_entry_reaches_the_disk_before_its_name_does(tiny: Loaded, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = tiny
+    cache = PromptCache.new(model)
+    cache.prefill(model, SYSTEM)
+    tier = disk_tier(model, tmp_path)
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(
+        "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
+    tier.write(cache)
+    assert events == ["file", "rename", "folder"]
 
 
 def test_a_reply_resent_as_text_matches_the_ids_it_was_generated_as(tiny: Loaded) -> None:

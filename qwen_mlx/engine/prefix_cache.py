@@ -190,6 +190,8 @@ def entry_tokens(path: Path, info: os.stat_result | None = None) -> tuple[int, .
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or metadata.get("format") != "qwen-mlx-prompt-cache":
         raise ValueError("not a qwen-mlx prompt cache")
+    if not isinstance(metadata.get("checksum"), str):  # what `read` checks the arrays against
+        raise ValueError("it has no checksum (written by an older qwen-mlx)")
     end = max((v["data_offsets"][1] for v in header_entries(header).values()), default=0)
     if 8 + length + end != info.st_size:
         raise ValueError(f"{info.st_size} bytes where its header describes {8 + length + end}")

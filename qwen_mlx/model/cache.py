@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
@@ -563,12 +564,25 @@ def save_prompt_cache(path: str | Path, prompt_cache: PromptCache, metadata: dic
         "tokens": json.dumps(prompt_cache.tokens),
         "metadata": json.dumps(metadata or {}),
     }
+    header["checksum"] = cache_checksum(arrays, header["layers"], header["tokens"])
     try:
         # mx.save_safetensors appends ".safetensors" to a name without it: give the temporary file that suffix.
         with replaced_atomically(path, suffix=".safetensors") as tmp:
             mx.save_safetensors(str(tmp), arrays, header)
     except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (MLX reports write errors as these)
         raise QwenMLXError(f"{path}: cannot write the prompt cache ({e}); nothing was written") from None
+
+
+def cache_checksum(arrays: dict[str, mx.array], layers: str, tokens: str) -> str:
+    """blake2b of what a prompt-cache file holds: its layers' settings, its token ids, and each array's name, dtype,
+    shape and bytes (row-major), so zeroed pages or flipped bits are refused instead of computed on."""
+    digest = hashlib.blake2b(f"{layers}\n{tokens}\n".encode(), digest_size=16)
+    for name in sorted(arrays):
+        array = mx.contiguous(arrays[name])  # a slice of a preallocated buffer has no row-major bytes of its own
+        mx.eval(array)
+        digest.update(f"{name}:{array.dtype}:{array.shape}\n".encode())
+        digest.update(memoryview(array))
+    return digest.hexdigest()
 
 
 def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
@@ -589,6 +603,10 @@ def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
                            "`qwen-mlx cache-prompt`") from None
     if not isinstance(metadata, dict) or not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
         raise QwenMLXError(f"{path}: a damaged prompt cache (its metadata or token list); write it again")
+    # Files written before there was a checksum have none: read as they are.
+    if "checksum" in header and header["checksum"] != cache_checksum(arrays, header["layers"], header["tokens"]):
+        raise QwenMLXError(f"{path}: a damaged prompt cache (its contents do not match their checksum); write it "
+                           "again")
     if any(c.offset != len(tokens) for c in caches):
         raise QwenMLXError(f"{path}: its token list ({len(tokens)} ids) does not match its arrays; write it again")
     return PromptCache(caches, tokens), metadata
