@@ -187,6 +187,35 @@ def test_a_weight_files_digest_is_remembered_until_the_file_changes(tiny_folder:
     assert fingerprint(folder, files, index) == first
 
 
+def test_one_bound_for_the_whole_disk_tier_least_recently_used_out_first(tiny: Loaded, tmp_path: Path) -> None:
+    model, _ = tiny
+    caches = []
+    for last in range(4):  # four entries of one size
+        cache = PromptCache.new(model)
+        cache.prefill(model, SYSTEM + [last])
+        caches.append(cache)
+    removed_model = "0" * 32  # the folder of a model since removed: nothing will ever read it again
+    DiskTier(tmp_path / removed_model / "full", removed_model, "full", 1 << 30).write(caches[0])
+    (tmp_path / removed_model / "replies.json").write_text("[]")
+    quantized = disk_tier(model, tmp_path, CacheSettings(kv_bits=8, kv_group_size=32))
+    quantized.write(caches[1])
+    [old_entry], [quantized_entry] = (tmp_path / removed_model / "full").iterdir(), quantized.index
+    now = time.time()
+    os.utime(old_entry, (now - 3000, now - 3000))
+    os.utime(quantized_entry, (now - 2000, now - 2000))
+    (tmp_path / "notes").mkdir()  # not the disk tier's: never touched
+    entry_bytes = quantized_entry.stat().st_size
+    ours = disk_tier(model, tmp_path, max_bytes=int(entry_bytes * 2.5))
+    assert old_entry.exists() and quantized_entry.exists()  # two entries fit
+    ours.write(caches[2])
+    assert not (tmp_path / removed_model).exists()  # the oldest out, then its model's folder
+    assert quantized_entry.exists()
+    ours.write(caches[3])
+    assert not quantized_entry.exists() and len(ours.index) == 2  # another setting's folder counts too
+    assert len(disk_tier(model, tmp_path, max_bytes=entry_bytes).index) == 1  # a smaller bound, kept from the start
+    assert (tmp_path / "notes").exists()
+
+
 def test_a_wrapped_rotating_cache_resumes_from_the_last_turns_checkpoint(tiny: Loaded) -> None:
     """Once it wraps it cannot be trimmed: regenerate, edit and the next turn start from the checkpoint each
     finished turn left, and regenerate gives the very reply the turn gave the first time."""

@@ -9,8 +9,10 @@ and on disk, so a request starts from the longest prefix any conversation has co
   checkpoint, and a regenerate, an edit or the next turn resumes from the closest one instead of from nothing.
 - RAM holds at most `ram_bytes`, least recently used out; entries pushed out, and all of them at `flush`
   (shutdown), go to the disk tier: one safetensors file each under `$QWEN_MLX_HOME/kv-cache/<model>/<settings>/`,
-  written atomically (temp file, rename) and bounded by `disk_bytes`. The folder names the model's fingerprint
-  and the cache settings, and every file repeats them: a cache is never applied to another model or setting.
+  written atomically (temp file, fsync, rename) with a checksum of its arrays. `disk_bytes` bounds all of
+  `kv-cache/`, every model's and setting's entries, least recently used out first. The folder names the model's
+  fingerprint and the cache settings, and every file repeats them: a cache is never applied to another model or
+  setting, and a file that is damaged or not ours is set aside, never read.
 """
 
 from __future__ import annotations
@@ -84,7 +86,10 @@ def copy_cache(cache: PromptCache, keep: int) -> PromptCache:
 
 @dataclass
 class DiskTier:
-    """Prefix-cache entries as files, for one model and cache setting.
+    """Prefix-cache entries as files, for one model and cache setting, in `folder`: `<root>/<fingerprint>/<tag>`.
+
+    `max_bytes` bounds the whole disk tier, `<root>` with every model's and setting's folder, least recently used
+    entries out first: those of a model since removed or changed go in time, and then their folders.
 
     Nothing in the folder is trusted: an entry that is damaged, truncated, another model's, or not a file at all
     (a folder, a dangling link, a FIFO) is set aside into `damaged/` (`set_aside`), so no file can keep a model
@@ -111,6 +116,11 @@ class DiskTier:
                 self.index[path] = (entry_tokens(path, info), info.st_size)
             except (OSError, ValueError) as e:
                 self.set_aside(path, str(e))
+        self._evict()  # the bound may be smaller than last time
+
+    @property
+    def root(self) -> Path:
+        return self.folder.parent.parent
 
     @property
     def nbytes(self) -> int:
@@ -122,8 +132,9 @@ class DiskTier:
     def write(self, cache: PromptCache) -> None:
         path = self.path_for(cache.tokens)
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)  # another process's clean-up may have taken it, empty
             save_prompt_cache(path, cache, {"fingerprint": self.fingerprint, "settings": self.tag})
-        except QwenMLXError as e:  # a full disk: the entry is dropped, the server goes on
+        except (QwenMLXError, OSError) as e:  # a full disk: the entry is dropped, the server goes on
             log.warning("could not write a prefix-cache entry: %s", e)
             return
         self.index[path] = (tuple(cache.tokens), path.stat().st_size)
@@ -165,11 +176,66 @@ class DiskTier:
                 log.warning("prefix cache: skipped %s (%s); it cannot be moved or deleted: %s", path, reason, e)
 
     def _evict(self) -> None:
-        by_age = sorted(self.index, key=lambda p: p.stat().st_mtime if p.exists() else 0)
-        while self.index and self.nbytes > self.max_bytes:
-            oldest = by_age.pop(0)
-            self.index.pop(oldest, None)
-            oldest.unlink(missing_ok=True)
+        """Least recently used entries out (set-aside ones first) until the whole disk tier fits `max_bytes`; then
+        the folders of other models that hold no entry."""
+        items = disk_items(self.root)
+        entries = sorted(entry for path in items if (entry := entry_use(path)) is not None)
+        total = sum(size for _, size, _ in entries)
+        kept = set(items)
+        for _, size, path in entries:
+            if total <= self.max_bytes:
+                break
+            try:
+                remove_path(path)
+            except OSError as e:
+                log.warning("prefix cache: could not remove %s: %s", path, e)
+                continue
+            total -= size
+            kept.discard(path)
+        # Entries that other processes sharing the tier took or removed are gone from this index too.
+        self.index = {path: entry for path, entry in self.index.items() if path in kept}
+        in_use = {self.root / path.relative_to(self.root).parts[0] for path in kept if path.parent.name != DAMAGED}
+        for model in safe_listing(self.root):
+            if is_cache_folder(model) and model != self.folder.parent and model not in in_use:
+                shutil.rmtree(model, ignore_errors=True)  # its replies.json and empty setting folders with it
+
+
+def is_cache_folder(path: Path) -> bool:
+    """A model's folder of the disk tier: named by a fingerprint (32 hex digits), a folder and not a link."""
+    return (len(path.name) == 32 and all(c in "0123456789abcdef" for c in path.name) and path.is_dir()
+            and not path.is_symlink())
+
+
+def disk_items(root: Path) -> list[Path]:
+    """Every file and set-aside item in the disk tier's `<root>/<fingerprint>/<tag>/` folders. Only those: a folder
+    under the root not named as a fingerprint is never looked into, let alone removed."""
+    found = []
+    for model in filter(is_cache_folder, safe_listing(root)):
+        for setting in safe_listing(model):
+            if setting.is_dir() and not setting.is_symlink():
+                for path in safe_listing(setting):
+                    found += safe_listing(path) if path.name == DAMAGED and path.is_dir() else [path]
+    return found
+
+
+def entry_use(path: Path) -> tuple[float, int, Path] | None:
+    """(last used, bytes, path) of an item of the disk tier; set-aside ones count as used at time 0, to go first.
+    None for a temporary file (a write in progress) or one removed meanwhile."""
+    if path.name.startswith(".") and path.parent.name != DAMAGED:
+        return None
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    return (0.0 if path.parent.name == DAMAGED else info.st_mtime, info.st_size, path)
+
+
+def safe_listing(folder: Path) -> list[Path]:
+    """A folder's entries; none if it cannot be listed (gone meanwhile, no permission)."""
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def remove_path(path: Path) -> None:
@@ -350,6 +416,7 @@ class ReplyMemory:
         with self._lock:
             saved = json.dumps(list(self.replies.items()))
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # a clean-up may have taken the empty folder
             with replaced_atomically(self.path) as tmp:
                 tmp.write_text(saved, encoding="utf-8")
         except OSError as e:
