@@ -26,6 +26,7 @@ from servers import free_port, start_server, stop_server
 import qwen_mlx
 from qwen_mlx import QwenMLXError
 from qwen_mlx.cli import main as cli
+from qwen_mlx.cli.terminal import prompt_cache_metadata
 from qwen_mlx.model.cache import cache_checksum
 
 
@@ -216,6 +217,11 @@ def rewrite_cache(path: Path, target: Path, **header: str) -> None:
     resave(target, arrays, {**meta, **header})
 
 
+def halve_the_head_size(path: Path, target: Path) -> None:
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    resave(target, {k: v[..., : v.shape[-1] // 2] for k, v in arrays.items()}, meta)
+
+
 def zero_the_arrays(path: Path, target: Path) -> None:
     arrays, meta = mx.load(str(path), return_metadata=True)
     mx.save_safetensors(str(target), {k: mx.zeros_like(v) for k, v in arrays.items()}, meta)
@@ -242,6 +248,7 @@ PROMPT_CACHE_ROWS: list[tuple[str, Callable[[Path, Path], None], str]] = [
     ("tokens not matching the arrays", lambda p, t: rewrite_cache(p, t, tokens="[1, 2, 3]"),
      "does not match its arrays"),
     ("arrays zeroed", zero_the_arrays, "do not match their checksum"),
+    ("keys of another head size", halve_the_head_size, "head size"),
     ("another model's weights", lambda p, t: rewrite_cache(p, t, metadata=json.dumps({
         **json.loads(mx.load(str(p), return_metadata=True)[1]["metadata"]), "model_fingerprint": "0" * 32})),
      "made with other weights"),
@@ -257,6 +264,20 @@ def test_a_bad_prompt_cache_file_is_one_line(good: Path, saved_cache: Path, tmp_
     damage(saved_cache, damaged)
     code = cli.main(["generate", "--model", str(good), "--prompt-cache", str(damaged), "--prompt", "x"])
     assert phrase in one_line_error(capsys, code)
+
+
+def test_a_quantized_prompt_cache_of_another_head_size_is_one_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    folder = save_tiny_qwen2(tmp_path / "model", hidden_size=128)  # a head size of 32: one 32-value group
+    model, _ = qwen_mlx.load(folder)
+    cache = qwen_mlx.PromptCache.new(model, qwen_mlx.CacheSettings(kv_bits=8, kv_group_size=32))
+    cache.prefill(model, [1, 2, 3])
+    saved = tmp_path / "quantized.safetensors"
+    qwen_mlx.save_prompt_cache(saved, cache, prompt_cache_metadata(str(folder), model, []))
+    halve_the_head_size(saved, tmp_path / "damaged.safetensors")
+    code = cli.main(["generate", "--model", str(folder), "--prompt-cache", str(tmp_path / "damaged.safetensors"),
+                     "--prompt", "x"])
+    assert "damaged.safetensors: the prompt cache's keys in layer 0 hold" in one_line_error(capsys, code)
 
 
 def test_a_prompt_cache_made_with_other_weights_of_the_same_shape_is_refused(

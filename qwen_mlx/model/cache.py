@@ -628,14 +628,39 @@ def _layer_from_state(i: int, meta: Any, arrays: dict[str, mx.array]) -> BaseCac
 
 def check_prompt_cache(prompt_cache: PromptCache, model: nn.Module, source: str) -> None:
     """A loaded prompt cache must fit the model it will run with: as many layers, and keys and values of its
-    KV heads and head size."""
+    KV heads and head size (else the first step fails deep inside MLX)."""
     config = model.config
     if len(prompt_cache.caches) != config.num_hidden_layers:
         raise QwenMLXError(f"{source}: the prompt cache has {len(prompt_cache.caches)} layers, the model "
                            f"{config.num_hidden_layers}; it was made with another model")
-    for cache in prompt_cache.caches:
-        keys = getattr(cache, "keys", None)
-        first = keys[0] if isinstance(keys, tuple) else keys
-        if first is not None and (first.ndim != 4 or first.shape[1] != config.num_key_value_heads):
-            raise QwenMLXError(f"{source}: the prompt cache's keys do not fit this model; it was made with another "
-                               "model")
+    for i, cache in enumerate(prompt_cache.caches):
+        for name in ("keys", "values"):
+            stored = getattr(cache, name, None)
+            mismatch = None if stored is None else shape_mismatch(stored, cache, config.num_key_value_heads,
+                                                                   config.head_dim)
+            if mismatch:
+                raise QwenMLXError(f"{source}: the prompt cache's {name} in layer {i} {mismatch}; it was made with "
+                                   "another model")
+
+
+def shape_mismatch(stored: mx.array | tuple[mx.array, ...], cache: BaseCache, heads: int,
+                   head_dim: int) -> str | None:
+    """What keeps a layer's stored keys or values from fitting a model of `heads` KV heads of `head_dim` (a plain
+    array, or a quantized cache's packed codes, scales and biases), or None."""
+    if isinstance(stored, tuple):
+        bits, group_size = cache.bits, cache.group_size
+        if len(stored) != 3 or head_dim % group_size:
+            return f"do not fit this model's head size {head_dim} (in {group_size}-value groups)"
+        parts = zip(stored, (head_dim * bits // 32, head_dim // group_size, head_dim // group_size), strict=True)
+    else:
+        parts = [(stored, head_dim)]
+    for array, width in parts:
+        if array.ndim != 4 or array.shape[0] != 1:
+            return f"have shape {tuple(array.shape)}, not (1, KV heads, positions, head size)"
+        if array.shape[1] != heads:
+            return f"have {array.shape[1]} KV heads, this model {heads}"
+        if array.shape[3] != width:
+            if width == head_dim:
+                return f"have head size {array.shape[3]}, this model {head_dim}"
+            return f"hold {array.shape[3]} columns a position where this model's head size {head_dim} needs {width}"
+    return None
