@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
 from qwen_mlx.serving.anthropic_api import AnthropicReply, parse_messages
-from qwen_mlx.serving.openai_api import APIError, ServedModel
+from qwen_mlx.serving.protocol import APIError, ServedModel
 
 MODEL = "qwen2-demo"
 USER = [{"role": "user", "content": "Tell me about Paris."}]
@@ -63,6 +63,18 @@ def test_a_message_with_its_usage(client: anthropic.Anthropic) -> None:
     # Qwen's template puts its own system prompt in when none is given; "Be brief." replaces it.
     assert shorter.usage.input_tokens + shorter.usage.cache_read_input_tokens != \
         usage.input_tokens + usage.cache_read_input_tokens
+
+
+def test_a_resent_conversation_reads_its_earlier_turns_from_the_cache(client: anthropic.Anthropic) -> None:
+    """Anthropic's clients resend the history as text; the reply the server generated matches the ids it was
+    generated as, so the earlier turns are read from the cache (`cache_read_input_tokens`)."""
+    first_turn = [{"role": "user", "content": "Name a mountain in Asia."}]
+    first = client.messages.create(model=MODEL, max_tokens=12, messages=first_turn, extra_body={"temperature": 1.0})
+    history = [*first_turn, {"role": "assistant", "content": first.content[0].text},
+               {"role": "user", "content": "And one in South America?"}]
+    second = client.messages.create(model=MODEL, max_tokens=4, messages=history, extra_body=GREEDY)
+    seen_before = first.usage.input_tokens + first.usage.cache_read_input_tokens + first.usage.output_tokens
+    assert second.usage.cache_read_input_tokens >= seen_before - 2
 
 
 def test_the_stream_is_the_message_in_events(client: anthropic.Anthropic) -> None:
@@ -128,7 +140,7 @@ def test_a_tool_call_the_model_chooses_is_a_tool_use_block(qwen_tokenizer_dir: P
 
     served = ServedModel(MODEL, FakeModel(), Tokenizer.from_folder(qwen_tokenizer_dir))
     request = parse_messages({"model": MODEL, "max_tokens": 50, "messages": USER, "tools": [WEATHER]}, served)
-    reply = AnthropicReply(request)
+    reply = AnthropicReply(request, served)
     text = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}' \
            '\n</tool_call>'
     events = reply.start(9) + [e for i in range(0, len(text), 5) for e in reply.add(GenerationChunk(text[i:i + 5], 1))]

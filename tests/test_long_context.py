@@ -212,7 +212,7 @@ def test_a_saved_prompt_cache_keeps_its_rope(on_demand, tmp_path: Path) -> None:
 
 def test_chat_file_puts_a_document_into_the_conversation_with_a_progress_bar(
         folders, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from qwen_mlx.cli import main
+    from qwen_mlx.cli.main import main
 
     document = tmp_path / "report.txt"
     document.write_text("the quarterly figures rose. " * 45)  # 1,260 bytes: past PrefillProgress.MIN_TOKENS

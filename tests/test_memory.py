@@ -156,7 +156,7 @@ def test_a_context_flag_that_cannot_fit_fails_before_loading(half: Path, monkeyp
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     plan = plan_for_folder(half, ModelConfig.from_file(half / "config.json").with_context(131072))
     monkeypatch.setenv("QWEN_MLX_MEMORY_BUDGET", str(plan.total(131072, CacheSettings(kv_bits=4))))
-    monkeypatch.setattr("qwen_mlx.cli.flags.load", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("qwen_mlx.engine.setup.load", lambda *a, **k: pytest.fail("loaded"))
     assert main(["generate", "--model", str(half), "--context", "131072", "-p", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("qwen-mlx: error: --context 131072: 131072 positions needs")

@@ -10,7 +10,8 @@ import pytest
 
 from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.model.qwen2 import Qwen2
-from qwen_mlx.serving.openai_api import APIError, ServedModel, parse_chat_request, parse_completion_request
+from qwen_mlx.serving.openai_api import parse_chat_request, parse_completion_request
+from qwen_mlx.serving.protocol import APIError, ServedModel
 from qwen_mlx.store.synthetic import tiny_config
 from qwen_mlx.text.grammar import tool_call_grammar
 from qwen_mlx.text.tokenizer import Tokenizer

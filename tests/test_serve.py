@@ -425,7 +425,7 @@ def test_flood_beyond_the_queue_gets_503_and_nothing_breaks(slow_server: str) ->
 ])
 def test_bad_options_are_one_line_errors(args: list[str], needle: str, model_dir: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from qwen_mlx.cli import main
+    from qwen_mlx.cli.main import main
 
     assert main(["serve", "--model", str(model_dir), "--port", str(free_port()), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -436,7 +436,7 @@ def test_bad_options_are_one_line_errors(args: list[str], needle: str, model_dir
 def test_a_port_in_use_is_reported_before_loading(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
-    from qwen_mlx.cli import main
+    from qwen_mlx.cli.main import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

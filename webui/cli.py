@@ -15,10 +15,11 @@ from qwen_mlx.cli.flags import (
     add_registry_arguments,
     add_server_arguments,
     check_server_arguments,
+    engine_settings,
     follow,
     parallel_group,
-    start_registry,
 )
+from qwen_mlx.engine.setup import start_registry
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import data_home
 
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     cache = check_server_arguments(args, "--auth", guarded=auth is not None)
     home = data_home()
     model_name = "demo model (random weights)" if args.demo else args.model
-    registry, pinned = start_registry(args, cache, parallel)
+    registry, pinned = start_registry(engine_settings(args, parallel), parallel)
 
     from qwen_mlx.webui.app import CSS, HEAD, build_app
     from qwen_mlx.webui.conversations import ConversationStore

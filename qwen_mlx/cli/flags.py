@@ -5,33 +5,23 @@ demo model)."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
-import mlx.nn as nn
-
-from qwen_mlx.engine.lockstep import Lockstep
-from qwen_mlx.engine.registry import LocalModels, ModelRegistry, ModelSource, keep_alive_seconds
+from qwen_mlx.engine.registry import keep_alive_seconds
 from qwen_mlx.engine.request import DEFAULT_DRAFT_TOKENS, speculation_settings
-from qwen_mlx.engine.speculative import DraftModel, load_draft
-from qwen_mlx.engine.worker import CacheTiers, ModelWorker, default_ram_bytes, slowed_for_tests
+from qwen_mlx.engine.setup import DEFAULT_CACHE_DISK_GB, EngineSettings, start_worker
+from qwen_mlx.engine.speculative import DraftModel
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.files import data_home
 from qwen_mlx.model.cache import CacheSettings
 from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.model.parallel import MODES, Parallel, start_group
-from qwen_mlx.store.catalog import record_use, repo_id_for
-from qwen_mlx.store.load import DEFAULT_MODEL, load, resolve_model_path
-from qwen_mlx.store.memory import check_context_fits, plan_for_folder, split_plan
-from qwen_mlx.store.names import aliases_of
-from qwen_mlx.store.synthetic import demo_model_folder
-from qwen_mlx.text.tokenizer import Tokenizer
+from qwen_mlx.store.load import DEFAULT_MODEL
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-DEFAULT_CACHE_DISK_GB = 10.0
 
 
 def add_model_argument(parser: Any, demo: bool = False) -> None:
@@ -52,20 +42,6 @@ def add_context_argument(parser: Any) -> None:
                         help="context length: up to the model's own, a limit; past it (e.g. 131072 for Qwen2.5), "
                              "YaRN on demand: plain RoPE until a conversation outgrows the original length, then "
                              "one re-encode of the context with YaRN")
-
-
-def load_for_context(name: str | Path, args: argparse.Namespace,
-                     parallel: Parallel | None = None) -> tuple[nn.Module, Tokenizer]:
-    """`load` with --context (this rank's part with `parallel`), after checking that --context positions fit here
-    with the cache flags (before any weight is read; `load` itself refuses weights that cannot fit at all)."""
-    context = getattr(args, "context", None)
-    folder = resolve_model_path(name)
-    if context is not None:
-        config = ModelConfig.from_file(folder / "config.json").with_context(context)
-        plan = plan_for_folder(folder, config)
-        check_context_fits(plan if parallel is None else split_plan(plan, parallel.size), context,
-                           cache_settings(args), what=f"--context {context}:")
-    return load(folder, context_length=context, parallel=parallel)
 
 
 def add_parallel_argument(parser: Any) -> None:
@@ -96,7 +72,7 @@ def follow(args: argparse.Namespace, parallel: Parallel, max_batch: int = 1) -> 
     (which ignore it) in its last plan; a rank that stops on its own would leave rank 0's last step without it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = start_worker(args, cache_settings(args), args.model, parallel, max_batch)
+    worker = start_worker(engine_settings(args), args.model, parallel, max_batch)
     worker.follow()
     return 0
 
@@ -237,102 +213,22 @@ def add_registry_arguments(parser: argparse.ArgumentParser, keep_alive: str = "5
                              f"-1 (never) (default {keep_alive})")
 
 
-def model_source(args: argparse.Namespace) -> ModelSource:
-    """The model a server starts with (--model, --demo), resolved (downloaded first if need be) before it serves;
-    requests may call it by its served name, by what --model said, or by an alias of its repo."""
-    if args.demo:
-        return ModelSource("qwen2-demo", demo_model_folder(data_home() / "models"), ("demo",), pinned=True)
-    folder = resolve_model_path(args.model)
-    name = served_model_name(args)
-    repo_id = repo_id_for(args.model) if not Path(args.model).expanduser().exists() else None
-    aliases = {args.model, *([repo_id, *aliases_of(repo_id)] if repo_id else [])} - {name}
-    return ModelSource(name, folder, tuple(sorted(aliases)), pinned=True)
-
-
-def start_registry(args: argparse.Namespace, cache: CacheSettings,
-                   parallel: Parallel | None = None) -> tuple[ModelRegistry, ModelSource]:
-    """The registry a server runs its models in, with --model (or --demo) loading; its progress on stderr. Only
-    that model gets --draft-model (a draft must share its model's tokenizer).
-
-    With `parallel` it serves that one model only, loaded for the server's life: every rank holds its part.
-    """
-    if args.max_models < 1:
-        raise QwenMLXError(f"--max-models {args.max_models} must be at least 1")
-    if parallel is not None and args.max_models != 1:
+def engine_settings(args: argparse.Namespace, parallel: Parallel | None = None) -> EngineSettings:
+    """What the flags say the engine is (the flags any command lacks keep their defaults), checked before a
+    model load that may take minutes."""
+    max_models = getattr(args, "max_models", 1)
+    if max_models < 1:
+        raise QwenMLXError(f"--max-models {max_models} must be at least 1")
+    if parallel is not None and max_models != 1:
         raise QwenMLXError("--max-models: a model split over processes (--parallel) is the only one served; drop "
                            "--max-models")
-    keep_alive = keep_alive_seconds(args.keep_alive, "--keep-alive")
-    pinned = model_source(args)
-
-    def start(source: ModelSource, spare: ModelWorker | None) -> ModelWorker:
-        if parallel is not None:
-            return start_worker(args, cache, source.name, parallel, folder=source.folder)
-
-        def load_source() -> tuple[nn.Module, Tokenizer]:
-            # --context is the pinned model's; another model runs with its own context.
-            model, tokenizer = load_for_context(source.folder, args) if source.pinned else load(source.folder)
-            if not source.pinned:
-                record_use(source.name)
-            return slowed_for_tests(model), tokenizer
-
-        def draft_for(tokenizer: Tokenizer) -> DraftModel:
-            return load_draft(args.draft_model, tokenizer, context_length=getattr(args, "context", None))
-
-        options = speculation_options(args, None)
-        draft = draft_for if source.pinned and args.draft_model else None
-
-        def status(message: str) -> None:
-            print(f"qwen-mlx: {source.name}: {message}", file=sys.stderr, flush=True)
-
-        if spare is not None:
-            spare.reload(load_source, options=options, load_draft=draft, on_status=status)
-            return spare
-        return ModelWorker(load_source, cache=cache, max_batch=args.max_batch, max_queue=args.max_queue,
-                           options=options, load_draft=draft, on_status=status, tiers=cache_tiers(args))
-
-    registry = ModelRegistry(LocalModels([pinned], only_pinned=parallel is not None), start,
-                             max_models=args.max_models, keep_alive=None if parallel else keep_alive,
-                             resident=parallel is not None)
-    return registry, pinned
-
-
-def cache_tiers(args: argparse.Namespace, parallel: Parallel | None = None) -> CacheTiers:
-    """The prefix cache's memory (--cache-ram-gb) and disk (--cache-disk-gb, none when split over processes)."""
-    ram_gb = getattr(args, "cache_ram_gb", None)
-    ram = default_ram_bytes() if ram_gb is None else int(ram_gb * 1e9)
-    if parallel is not None:
-        return CacheTiers(ram)
-    disk_gb = getattr(args, "cache_disk_gb", None)
-    return CacheTiers(ram, data_home() / "kv-cache", int((DEFAULT_CACHE_DISK_GB if disk_gb is None else disk_gb) * 1e9))
-
-
-def served_model_name(args: argparse.Namespace) -> str:
-    """How a server names its model: "qwen2-demo", a local folder's name, or the repo id."""
-    if args.demo:
-        return "qwen2-demo"
-    return Path(args.model).name if Path(args.model).is_dir() else args.model
-
-
-def start_worker(args: argparse.Namespace, cache: CacheSettings, label: str, parallel: Parallel | None = None,
-                 max_batch: int | None = None, folder: Path | None = None) -> ModelWorker:
-    """The model worker a command runs on: --model (or --demo) loaded on its thread (this rank's part of it with
-    `parallel`), its progress on stderr (rank 0's).
-
-    QWEN_MLX_TOKEN_DELAY=<seconds> makes every model step sleep that long first: for tests and diagnostics only,
-    so that a tiny model streams slowly enough to watch, stop and disconnect from.
-    """
-
-    def load_model() -> tuple[nn.Module, Tokenizer]:
-        source = folder or (demo_model_folder(data_home() / "models") if getattr(args, "demo", False) else args.model)
-        model, tokenizer = load_for_context(source, args, parallel)
-        return slowed_for_tests(model), tokenizer
-
-    def draft_for(tokenizer: Tokenizer) -> DraftModel:
-        return load_draft(args.draft_model, tokenizer, context_length=getattr(args, "context", None))
-
-    speaks = parallel is None or parallel.leads
-    return ModelWorker(load_model, cache=cache, max_batch=max_batch or getattr(args, "max_batch", 1),
-                       max_queue=getattr(args, "max_queue", None), tiers=cache_tiers(args, parallel),
-                       options=speculation_options(args, None), load_draft=draft_for if args.draft_model else None,
-                       on_status=(lambda status: print(f"qwen-mlx: {label}: {status}", file=sys.stderr, flush=True))
-                       if speaks else None, lockstep=Lockstep(parallel.group) if parallel else None)
+    keep_alive = getattr(args, "keep_alive", None)
+    return EngineSettings(
+        model=args.model, demo=getattr(args, "demo", False), context=getattr(args, "context", None),
+        cache=cache_settings(args), draft_model=getattr(args, "draft_model", None),
+        num_draft_tokens=getattr(args, "num_draft_tokens", None), prompt_lookup=getattr(args, "prompt_lookup", None),
+        max_batch=getattr(args, "max_batch", 1), max_queue=getattr(args, "max_queue", None),
+        cache_ram_gb=getattr(args, "cache_ram_gb", None), cache_disk_gb=getattr(args, "cache_disk_gb", None),
+        max_models=max_models,
+        keep_alive=keep_alive_seconds(keep_alive, "--keep-alive") if keep_alive is not None else 300.0,
+        step_delay=float(os.environ.get("QWEN_MLX_TOKEN_DELAY") or 0))

@@ -12,10 +12,11 @@ from qwen_mlx.cli.flags import (
     add_registry_arguments,
     add_server_arguments,
     check_server_arguments,
+    engine_settings,
     follow,
     parallel_group,
-    start_registry,
 )
+from qwen_mlx.engine.setup import start_registry
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.serving.guard import DEFAULT_MAX_BODY_MB, GuardSettings
 
@@ -51,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     parallel = parallel_group(args)
     if parallel is not None and not parallel.leads:
         return follow(args, parallel)
-    cache = check_server_arguments(args, "--api-key", guarded=args.api_key is not None)
-    registry, pinned = start_registry(args, cache, parallel)
+    check_server_arguments(args, "--api-key", guarded=args.api_key is not None)
+    registry, pinned = start_registry(engine_settings(args, parallel), parallel)
     try:
         registry.release(registry.acquire(pinned.name))  # the model it starts with is loaded before it serves
     except QwenMLXError:

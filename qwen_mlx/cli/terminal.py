@@ -20,13 +20,13 @@ from qwen_mlx.cli.flags import (
     cache_options,
     cache_settings,
     check_speculation_arguments,
-    load_for_context,
+    engine_settings,
     sampling_options,
     speculation_options,
-    start_worker,
 )
 from qwen_mlx.engine.generate import GenerationStats, stream_generate
 from qwen_mlx.engine.request import check_text
+from qwen_mlx.engine.setup import load_for_context, start_worker
 from qwen_mlx.engine.speculative import DraftModel, load_draft
 from qwen_mlx.engine.worker import ModelWorker
 from qwen_mlx.errors import QwenMLXError
@@ -51,7 +51,7 @@ def read_text(value: str, flag: str = "--prompt") -> str:
 
 def load_with_status(name: str, args: argparse.Namespace) -> tuple[nn.Module, Tokenizer]:
     print(f"Loading {name} ...", file=sys.stderr, flush=True)
-    return load_for_context(name, args)
+    return load_for_context(name, engine_settings(args))
 
 
 def load_for_replies(args: argparse.Namespace) -> tuple[nn.Module, Tokenizer, DraftModel | None]:
@@ -216,11 +216,11 @@ def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict[str
 
 def start_terminal_worker(args: argparse.Namespace, parallel: Parallel) -> ModelWorker:
     """Rank 0's model worker for a terminal command on a model split over processes (the others `follow` it)."""
-    settings = cache_settings(args)
+    settings = engine_settings(args)
     check_speculation_arguments(args)
     print(f"Loading {args.model} over {parallel.size} processes ({parallel.mode} parallel) ...", file=sys.stderr,
           flush=True)
-    worker = start_worker(args, settings, args.model, parallel)
+    worker = start_worker(settings, args.model, parallel)
     worker.wait_loaded()
     return worker
 

@@ -613,23 +613,3 @@ class ModelWorker:
     def _end(self, job: Job, item: GenerationChunk | BaseException) -> None:
         job.put(item)
         job.done.set()
-
-
-class SlowedModel:
-    """The model, sleeping `delay` seconds before each step, so a tiny test model streams slowly enough to watch,
-    stop and disconnect from (QWEN_MLX_TOKEN_DELAY; tests and diagnostics only)."""
-
-    def __init__(self, model: nn.Module, delay: float):
-        self._model, self._delay = model, delay
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(self._delay)
-        return self._model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
-def slowed_for_tests(model: nn.Module) -> nn.Module:
-    delay = float(os.environ.get("QWEN_MLX_TOKEN_DELAY") or 0)
-    return SlowedModel(model, delay) if delay > 0 else model

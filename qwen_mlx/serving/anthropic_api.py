@@ -15,11 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
-from qwen_mlx.engine.request import MAX_TOKENS_LIMIT, GenerationRequest, is_int, prepare_request
-from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.serving.openai_api import APIError, ServedModel, checked_text
-from qwen_mlx.text.grammar import tool_call_grammar
-from qwen_mlx.text.tool_calls import TOOL_CALL_CLOSE, CallPiece, ToolArgumentsStream, ToolCall, ToolCallStream
+from qwen_mlx.engine.request import GenerationRequest, is_int
+from qwen_mlx.serving.protocol import (
+    APIError,
+    ChatCall,
+    Part,
+    ReplyParts,
+    ServedModel,
+    ToolChoice,
+    checked_text,
+    prepare_chat,
+)
+from qwen_mlx.text.tool_calls import CallPiece
 
 # cache_control (here, on text blocks and tools): a prompt-caching hint; every prefix is cached here anyway.
 FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
@@ -58,43 +65,21 @@ def parse_messages(body: Any, served: ServedModel) -> AnthropicRequest:
         raise APIError(400, "max_tokens: must be a positive integer", "max_tokens")
     _check_extras(body)
     tools = _tools(body.get("tools"))
-    choice, named, parallel = _tool_choice(body.get("tool_choice"), tools)
+    choice = _tool_choice(body.get("tool_choice"), tools)
     messages = _system(body.get("system")) + _messages(body.get("messages"))
     options = _sampling(body)
     fmt = _output_format(body.get("output_config"))
-    if choice in ("any", "tool"):
-        if fmt is not None:
-            raise APIError(400, "output_config.format cannot be combined with a forced tool_choice", "output_config")
-        try:
-            # A named function is called once (as vLLM does): a weak model could otherwise repeat it to max_tokens.
-            options["grammar"] = tool_call_grammar(served.tokenizer, tools, named, parallel and named is None)
-        except QwenMLXError as e:
-            raise APIError(400, f"tool_choice: {e}", "tool_choice") from None
-    elif choice == "auto" and not parallel:
-        options["stop"] = [*options.get("stop", []), TOOL_CALL_CLOSE]  # one call at most: stop where it closes
     if fmt is not None:
         options["json_schema"] = fmt
-    try:
-        ids = served.tokenizer.apply_chat_template(messages, tools=tools if choice != "none" else None,
-                                                   add_generation_prompt=True, tokenize=True)
-    except Exception as e:  # the model's own template refusing them (a bad role order, say)
-        raise APIError(400, f"messages: the chat template cannot render them: {e}", "messages") from None
-    context = served.context_length
-    if len(ids) >= context:
-        raise APIError(400, f"prompt is too long: {len(ids)} tokens > {context - 1} maximum", "messages")
     # max_tokens is a ceiling: the reply also ends at the model's own limits (stop_reason "max_tokens" either way).
-    options["max_tokens"] = min(max_tokens, MAX_TOKENS_LIMIT, context - len(ids))
-    try:
-        generation = prepare_request(served.model, served.tokenizer, ids, **{**served.options, **options})
-    except QwenMLXError as e:
-        name = {"stop": "stop_sequences", "json_schema": "output_config", "grammar": "tool_choice"}.get(
-            e.field or "", e.field)
-        raise APIError(400, f"{name}: {e}" if name else str(e), name) from None
+    params = {"stop": "stop_sequences", "json_schema": "output_config", "grammar": "tool_choice"}
+    generation = prepare_chat(served, ChatCall(messages, tools, choice, options, max_tokens, clip_max_tokens=True,
+                                               params=params))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream: must be true or false", "stream")
-    return AnthropicRequest(body["model"], generation, stream, parse_tools=choice != "none" and bool(tools),
-                            forced_tools=choice in ("any", "tool"), stop_sequences=tuple(options.get("stop", ())))
+    return AnthropicRequest(body["model"], generation, stream, parse_tools=choice.mode != "none" and bool(tools),
+                            forced_tools=choice.forced, stop_sequences=tuple(options.get("stop", ())))
 
 
 def _check_extras(body: dict[str, Any]) -> None:
@@ -167,23 +152,22 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
     return out
 
 
-def _tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> tuple[str, str | None, bool]:
-    """(auto | any | tool | none, the named tool, parallel calls allowed)."""
+def _tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> ToolChoice:
+    """Anthropic's tool_choice: auto, any (a call to any tool), tool (that one), none."""
     if choice is None:
-        return ("auto" if tools else "none"), None, True
+        return ToolChoice("auto" if tools else "none")
     if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
         raise APIError(400, "tool_choice: must be {'type': 'auto' | 'any' | 'tool' | 'none'}", "tool_choice")
     kind = choice["type"]
     unknown = sorted(set(choice) - {"type", "name", "disable_parallel_tool_use"})
     if unknown:
         raise APIError(400, f"tool_choice.{unknown[0]}: not supported", "tool_choice")
-    if kind != "none" and not tools:
-        raise APIError(400, "tool_choice: needs tools", "tool_choice")
     name = choice.get("name")
     if kind == "tool" and not isinstance(name, str):
         raise APIError(400, "tool_choice: type 'tool' needs the tool's name", "tool_choice")
     parallel = not choice.get("disable_parallel_tool_use", False)
-    return kind, name if kind == "tool" else None, parallel
+    mode = {"auto": "auto", "none": "none"}.get(kind, "required")
+    return ToolChoice(mode, name if kind == "tool" else None, parallel)  # type: ignore[arg-type]
 
 
 def _system(system: Any) -> list[dict[str, Any]]:
@@ -272,10 +256,9 @@ class AnthropicReply:
     `finish`), and the whole message. Content blocks open and close in order; a tool call the grammar forces
     streams its input as `input_json_delta` pieces, one the model chose freely arrives whole once it closes."""
 
-    def __init__(self, request: AnthropicRequest):
+    def __init__(self, request: AnthropicRequest, served: ServedModel):
         self.request = request
-        self.forced = ToolArgumentsStream() if request.forced_tools else None
-        self.tools = ToolCallStream() if request.parse_tools and not request.forced_tools else None
+        self.parts = ReplyParts(served, request.parse_tools, request.forced_tools)
         self.blocks: list[dict[str, Any]] = []  # the message's content so far; tool_use inputs as JSON text
         self.open: int | None = None  # index of the block being streamed
 
@@ -286,13 +269,10 @@ class AnthropicReply:
         return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
 
     def add(self, chunk: GenerationChunk) -> list[tuple[str, dict[str, Any]]]:
-        return self._feed(chunk.text)
+        return self._parts(self.parts.add(chunk))
 
     def finish(self, last: GenerationChunk) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
-        events = self._feed(last.text)
-        if self.tools is not None:
-            events += self._parts(self.tools.finish())
-        events += self._close()
+        events = self._parts(self.parts.finish(last)) + self._close()
         stats = last.stats or GenerationStats()
         reason, stop = self._stop_reason(last)
         cached = stats.prompt_tokens - stats.prefilled_tokens
@@ -315,20 +295,13 @@ class AnthropicReply:
             return "stop_sequence", last.stop_sequence
         return "end_turn", None
 
-    def _feed(self, text: str) -> list[tuple[str, dict[str, Any]]]:
-        if not text:
-            return []
-        if self.forced is not None:
-            return [e for piece in self.forced.feed(text) for e in self._piece(piece)]
-        if self.tools is not None:
-            return self._parts(self.tools.feed(text))
-        return self._text(text)
-
-    def _parts(self, parts: list[str | ToolCall]) -> list[tuple[str, dict[str, Any]]]:
+    def _parts(self, parts: list[Part]) -> list[tuple[str, dict[str, Any]]]:
         events = []
         for part in parts:
             if isinstance(part, str):
                 events += self._text(part)
+            elif isinstance(part, CallPiece):
+                events += self._piece(part)
             else:
                 arguments = json.dumps(part.arguments, ensure_ascii=False)
                 events += self._open_tool(part.name) + self._input(arguments) + self._close()

@@ -42,13 +42,8 @@ from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.serving import anthropic_api, ollama_api
 from qwen_mlx.serving.guard import GuardSettings, RequestGuard
-from qwen_mlx.serving.openai_api import (
-    APIError,
-    ResponseBuilder,
-    ServedModel,
-    parse_chat_request,
-    parse_completion_request,
-)
+from qwen_mlx.serving.openai_api import ResponseBuilder, parse_chat_request, parse_completion_request
+from qwen_mlx.serving.protocol import APIError, ServedModel
 from qwen_mlx.store.catalog import describe_folder, find_local, home_models, remove, repo_id_for
 from qwen_mlx.store.hub import download
 from qwen_mlx.store.names import unknown_name
@@ -276,8 +271,8 @@ class Endpoints:
         body = await self.body(request)
         if isinstance(body, dict) and body.get("max_tokens") is None:
             raise APIError(400, "max_tokens: Field required", "max_tokens")  # before any model is loaded for it
-        _, parsed, job, wake = await self.start(body, anthropic_api.parse_messages)
-        reply = anthropic_api.AnthropicReply(parsed)
+        entry, parsed, job, wake = await self.start(body, anthropic_api.parse_messages)
+        reply = anthropic_api.AnthropicReply(parsed, self.served(entry))
         if parsed.stream:
             return StreamingResponse(anthropic_events(job, wake, reply, len(parsed.generation.prompt_ids)),
                                      media_type="text/event-stream", headers=STREAM_HEADERS)
@@ -304,7 +299,8 @@ class Endpoints:
                                                     keep_alive)
         # Ollama's load_duration: the model's load when this request is what loaded it, else 0.
         loaded_now = entry.loaded_at is not None and entry.loaded_at >= began
-        reply = ollama_api.OllamaReply(parsed, load_seconds=entry.load_seconds if loaded_now else 0.0)
+        load_seconds = entry.load_seconds if loaded_now else 0.0
+        reply = ollama_api.OllamaReply(parsed, self.served(entry), load_seconds=load_seconds)
         if parsed.stream:
             return StreamingResponse(ollama_lines(job, wake, reply), media_type="application/x-ndjson")
         return JSONResponse(await whole_reply(request, job, wake, reply))

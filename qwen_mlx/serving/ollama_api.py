@@ -17,13 +17,23 @@ from typing import Any
 import mlx.core as mx
 
 from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
-from qwen_mlx.engine.request import MAX_TOKENS_LIMIT, GenerationRequest, is_int, prepare_request
+from qwen_mlx.engine.request import GenerationRequest, is_int
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.model.generation_config import SamplingParams
-from qwen_mlx.serving.openai_api import APIError, ServedModel, checked_text
+from qwen_mlx.serving.protocol import (
+    APIError,
+    ChatCall,
+    ReplyParts,
+    ServedModel,
+    ToolChoice,
+    checked_text,
+    prepare_chat,
+    prepare_prompt,
+    render,
+)
 from qwen_mlx.store.catalog import LocalModel
-from qwen_mlx.text.tool_calls import ToolCall, ToolCallStream
+from qwen_mlx.text.tool_calls import ToolCall
 
 # The Ollama API version these routes follow; clients compare it to enable features.
 OLLAMA_VERSION = "0.9.0"
@@ -88,11 +98,7 @@ def parse_chat(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
     if not messages:
         raise APIError(400, "messages must hold at least one message (an empty list only loads the model)",
                        "messages")
-    try:
-        ids = served.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
-    except Exception as e:  # the model's own template refusing them (a bad role order, say)
-        raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
-    generation = _prepare(served, ids, body)
+    generation = prepare_chat(served, _call(body, messages, tools))
     return OllamaRequest(True, body["model"], generation, _stream(body), tools=bool(tools))
 
 
@@ -119,13 +125,13 @@ def parse_generate(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
     else:
         messages = ([{"role": "system", "content": checked_text("system", system)}] if system else []) + \
             [{"role": "user", "content": prompt}]
-        ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = render(served, messages, None, "prompt")
     context = body.get("context")
     if context is not None:
         if not isinstance(context, list) or not all(is_int(t) for t in context):
             raise APIError(400, "context must be the list of token ids a previous reply returned", "context")
         ids = list(context) + ids
-    generation = _prepare(served, ids, body)
+    generation = prepare_prompt(served, ids, _call(body, [], None))
     return OllamaRequest(False, body["model"], generation, _stream(body), raw_context=True)
 
 
@@ -214,20 +220,11 @@ def _tools(tools: Any) -> list[dict[str, Any]] | None:
     return tools
 
 
-def _prepare(served: ServedModel, ids: list[int], body: dict[str, Any]) -> GenerationRequest:
+def _call(body: dict[str, Any], messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> ChatCall:
+    """What /api/chat or /api/generate asks, in the library's terms: Ollama always offers the tools it is given."""
     options = _options(body.get("options"))
-    context = served.context_length
     num_ctx = options.pop("num_ctx", None)
-    if num_ctx is not None:
-        context = min(context, num_ctx)
-    if len(ids) >= context:
-        raise APIError(400, f"the prompt is {len(ids)} tokens, which leaves no room to answer in a context of "
-                            f"{context} tokens; shorten it" + (" or raise options.num_ctx" if num_ctx else ""),
-                       "prompt")
     predict = options.pop("num_predict", None)
-    room = min(MAX_TOKENS_LIMIT, context - len(ids))
-    # num_predict -1 (no limit) and -2 (fill the context) both end at the context's end, as for Ollama.
-    options["max_tokens"] = room if predict is None or predict < 0 else min(predict, room)
     fmt = body.get("format")
     if fmt == "json":
         options["response_format"] = {"type": "json_object"}
@@ -235,12 +232,12 @@ def _prepare(served: ServedModel, ids: list[int], body: dict[str, Any]) -> Gener
         options["json_schema"] = fmt
     elif fmt not in (None, ""):
         raise APIError(400, "format must be \"json\" or a JSON schema object", "format")
-    try:
-        return prepare_request(served.model, served.tokenizer, ids, **{**served.options, **options})
-    except QwenMLXError as e:
-        name = {"repetition_penalty": "options.repeat_penalty", "json_schema": "format", "grammar": "format",
-                "response_format": "format"}.get(e.field or "", e.field)
-        raise APIError(400, f"{name}: {e}" if name == "format" else str(e), name) from None
+    params = {"repetition_penalty": "options.repeat_penalty", "json_schema": "format", "grammar": "format",
+              "response_format": "format", "context": "options.num_ctx", "stop": "options.stop"}
+    # num_predict -1 (no limit) and -2 (fill the context) both end at the context's end, as for Ollama.
+    return ChatCall(messages, tools, ToolChoice("auto" if tools else "none"), options,
+                    None if predict is None or predict < 0 else predict, clip_max_tokens=True, context=num_ctx,
+                    params=params, param="messages" if messages else "prompt")
 
 
 def _options(options: Any) -> dict[str, Any]:
@@ -279,38 +276,30 @@ class OllamaReply:
     """Builds the NDJSON chunks (or the one response) of an /api/chat or /api/generate reply from its
     `GenerationChunk`s. With tools, `<tool_call>` blocks become `message.tool_calls` and never show as content."""
 
-    def __init__(self, request: OllamaRequest, load_seconds: float = 0.0):
+    def __init__(self, request: OllamaRequest, served: ServedModel, load_seconds: float = 0.0):
         self.request = request
-        self.tools = ToolCallStream() if request.tools else None
+        self.parts = ReplyParts(served, request.tools, False, chat=request.chat)
         self.started = time.perf_counter_ns()
         self.first_token: int | None = None
         self.load_ns = int(load_seconds * 1e9)
         self.content: list[str] = []
         self.calls: list[ToolCall] = []
-        self.tokens: list[int] = []
 
     def add(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
-        if chunk.token is not None:
-            self.tokens.append(chunk.token)
-            if self.first_token is None:
-                self.first_token = time.perf_counter_ns()
-        return self._payloads(*self._split(chunk.text))
+        if chunk.token is not None and self.first_token is None:
+            self.first_token = time.perf_counter_ns()
+        return self._payloads(self.parts.add(chunk))
 
     def finish(self, last: GenerationChunk) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The closing stream lines, and the whole non-streamed response."""
-        text, calls = self._split(last.text)
-        if self.tools is not None:
-            parts = self.tools.finish()
-            text += "".join(p for p in parts if isinstance(p, str))
-            calls += [p for p in parts if isinstance(p, ToolCall)]
-        lines = self._payloads(text, calls)
+        lines = self._payloads(self.parts.finish(last))
         final = {**self._base(), "done": True, "done_reason": "length" if last.finish_reason == "length" else "stop",
                  **self._durations(last.stats or GenerationStats())}
         if self.request.chat:
             final["message"] = {"role": "assistant", "content": ""}
         else:
             final["response"] = ""
-            final["context"] = [*self.request.generation.prompt_ids, *self.tokens]
+            final["context"] = [*self.request.generation.prompt_ids, *self.parts.tokens]
         whole = dict(final)
         if self.request.chat:
             whole["message"] = self._message("".join(self.content), self.calls)
@@ -318,13 +307,10 @@ class OllamaReply:
             whole["response"] = "".join(self.content)
         return [*lines, final], whole
 
-    def _split(self, text: str) -> tuple[str, list[ToolCall]]:
-        if not text or self.tools is None:
-            return text, []
-        parts = self.tools.feed(text)
-        return "".join(p for p in parts if isinstance(p, str)), [p for p in parts if isinstance(p, ToolCall)]
-
-    def _payloads(self, text: str, calls: list[ToolCall]) -> list[dict[str, Any]]:
+    def _payloads(self, parts: list[Any]) -> list[dict[str, Any]]:
+        """Ollama's lines for a chunk's parts: its text and its (whole) tool calls in one message."""
+        text = "".join(p for p in parts if isinstance(p, str))
+        calls = [p for p in parts if isinstance(p, ToolCall)]
         self.content.append(text)
         self.calls.extend(calls)
         if not text and not calls:
@@ -346,7 +332,7 @@ class OllamaReply:
         end = time.perf_counter_ns()
         first = self.first_token or end
         return {"total_duration": end - self.started + self.load_ns, "load_duration": self.load_ns,
-                "prompt_eval_count": stats.prompt_tokens, "prompt_eval_duration": first - self.started,
+                "prompt_eval_count": stats.prefilled_tokens, "prompt_eval_duration": first - self.started,
                 "eval_count": stats.generation_tokens, "eval_duration": end - first}
 
 

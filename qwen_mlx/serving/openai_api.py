@@ -15,22 +15,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import mlx.nn as nn
-
 from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
-from qwen_mlx.engine.prefix_cache import ReplyMemory
-from qwen_mlx.engine.request import (
-    MAX_TOKENS_LIMIT,
-    MAX_TOP_LOGPROBS,
-    GenerationRequest,
-    check_text,
-    is_int,
-    prepare_request,
+from qwen_mlx.engine.request import MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS, GenerationRequest, is_int
+from qwen_mlx.serving.protocol import (
+    APIError,
+    ChatCall,
+    ReplyParts,
+    ServedModel,
+    ToolChoice,
+    checked_text,
+    prepare_chat,
+    prepare_prompt,
 )
-from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.text.grammar import tool_call_grammar
-from qwen_mlx.text.tokenizer import Tokenizer
-from qwen_mlx.text.tool_calls import TOOL_CALL_CLOSE, CallPiece, ToolArgumentsStream, ToolCall, ToolCallStream
+from qwen_mlx.text.tool_calls import CallPiece, ToolCall
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "stop", "n", "user", "presence_penalty",
@@ -42,42 +39,6 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assi
 MAX_STOP = 4  # OpenAI's limit
 MAX_LEGACY_LOGPROBS = 5  # /v1/completions' limit
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def checked_text(field_name: str, text: str) -> str:
-    """`text` as a request gave it in `field_name`, once `request.check_text` has passed it (else a 400)."""
-    try:
-        check_text(field_name, text, field_name)
-    except QwenMLXError as e:
-        raise APIError(400, str(e), field_name) from None
-    return text
-
-
-@dataclass
-class ServedModel:
-    """The model behind the endpoints, as request checking sees it."""
-
-    id: str
-    model: nn.Module
-    tokenizer: Tokenizer
-    options: dict[str, Any] = field(default_factory=dict)  # the server's own (a draft model, prompt lookup)
-    replies: ReplyMemory | None = None  # the ids recent replies were generated as (prompts match their cache)
-
-    @property
-    def context_length(self) -> int:
-        return self.model.config.context_length
 
 
 @dataclass
@@ -101,29 +62,10 @@ class APIRequest:
 
 def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
     body = _check_fields(body, CHAT_FIELDS)
-    messages = _messages(body.get("messages"), served.replies)
+    messages = _messages(body.get("messages"))
     tools = _tools(body.get("tools"))
-    choice = body.get("tool_choice", "auto" if tools else "none")
-    parallel = body.get("parallel_tool_calls", True)
-    if not isinstance(parallel, bool):
-        raise APIError(400, "parallel_tool_calls must be true or false", "parallel_tool_calls")
-    named = _named_tool(choice)
-    if choice != "none" and not tools:
-        raise APIError(400, "tool_choice needs tools", "tool_choice")
+    choice = _tool_choice(body, tools)
     options = _options(body)
-    grammar_param = "response_format"
-    if choice == "required" or named is not None:
-        if "response_format" in options:
-            raise APIError(400, "response_format cannot be combined with a required tool_choice", "response_format")
-        try:
-            # A named function is called once (as vLLM does): a weak model could otherwise repeat it to max_tokens.
-            options["grammar"] = tool_call_grammar(served.tokenizer, tools, named, parallel and named is None)
-        except QwenMLXError as e:
-            raise APIError(400, str(e), "tool_choice") from None
-        grammar_param = "tool_choice"
-    elif choice == "auto" and not parallel:
-        # At most one call: stop where the first one closes (the tool-call parser takes an unclosed last block).
-        options["stop"] = [*options.get("stop", []), TOOL_CALL_CLOSE]
     logprobs = body.get("logprobs", False)
     top = body.get("top_logprobs")
     if not isinstance(logprobs, bool):
@@ -136,17 +78,13 @@ def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
         options["logprobs"] = top or 0
     if "prediction" in body:
         options["prediction"] = _prediction(body["prediction"])
-    try:
-        ids = served.tokenizer.apply_chat_template(
-            messages, tools=tools if choice != "none" else None, add_generation_prompt=True, tokenize=True
-        )
-    except Exception as e:  # the model's own Jinja template refusing these messages (e.g. a bad role order)
-        raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
     max_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    generation = _prepare(served, ids, options, body.get(max_name), max_name,
-                          {"prompt": "messages", "grammar": grammar_param, "logprobs": "top_logprobs"})
+    params = {"max_tokens": max_name, "prompt": "messages", "logprobs": "top_logprobs",
+              "grammar": "tool_choice" if choice.forced else "response_format"}
+    generation = prepare_chat(served, ChatCall(messages, tools, choice, options, _max_tokens(body, max_name),
+                                               params=params))
     return APIRequest(chat=True, generation=generation, stream=_stream(body), include_usage=_include_usage(body),
-                      parse_tools=choice != "none", forced_tools=grammar_param == "tool_choice",
+                      parse_tools=choice.mode != "none", forced_tools=choice.forced,
                       logprobs=options.get("logprobs"))
 
 
@@ -159,11 +97,7 @@ def parse_completion_request(body: Any, served: ServedModel) -> APIRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str) and prompt:
-        try:
-            check_text("prompt", prompt, "prompt")
-        except QwenMLXError as e:
-            raise APIError(400, str(e), "prompt") from None
-        ids = served.tokenizer.encode(prompt)
+        ids = served.tokenizer.encode(checked_text("prompt", prompt))
     elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         ids = list(prompt)
     else:
@@ -175,38 +109,17 @@ def parse_completion_request(body: Any, served: ServedModel) -> APIRequest:
         if not is_int(logprobs) or not 0 <= logprobs <= MAX_LEGACY_LOGPROBS:
             raise APIError(400, f"logprobs must be an integer from 0 to {MAX_LEGACY_LOGPROBS}", "logprobs")
         options["logprobs"] = logprobs
-    generation = _prepare(served, ids, options, body.get("max_tokens"), "max_tokens", {})
+    call = ChatCall([], options=options, max_tokens=_max_tokens(body, "max_tokens"), param="prompt")
+    generation = prepare_prompt(served, ids, call)
     return APIRequest(chat=False, generation=generation, stream=_stream(body), include_usage=_include_usage(body),
                       logprobs=logprobs)
 
 
-def _prepare(served: ServedModel, ids: list[int], options: dict[str, Any], max_tokens: Any, max_name: str,
-             params: dict[str, str]) -> GenerationRequest:
-    """The library's checked request; its errors name OpenAI's parameter (`params` maps the library's names)."""
-    options["max_tokens"] = _max_tokens(len(ids), max_tokens, max_name, served.context_length)
-    try:
-        return prepare_request(served.model, served.tokenizer, ids, **{**served.options, **options})
-    except QwenMLXError as e:
-        field_name = {"max_tokens": max_name, **params}.get(e.field, e.field)
-        raise APIError(400, str(e), field_name) from None
-
-
-def _max_tokens(n: int, max_tokens: Any, name: str, context: int) -> int:
-    """A prompt that leaves no room to answer is refused before any compute, in OpenAI's words (clients map
-    `context_length_exceeded` to their context-window errors), as is a max_tokens past the context."""
-    if n >= context:
-        raise APIError(400, f"This model's maximum context length is {context} tokens. However, your messages "
-                            f"resulted in {n} tokens. Please reduce the length of the messages.",
-                       "messages", "context_length_exceeded")
-    if max_tokens is None:
-        return min(MAX_TOKENS_LIMIT, context - n)
-    if not is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+def _max_tokens(body: dict[str, Any], name: str) -> int | None:
+    """max_tokens (or max_completion_tokens) as given; None lets the reply fill the context."""
+    max_tokens = body.get(name)
+    if max_tokens is not None and (not is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT):
         raise APIError(400, f"{name} must be an integer from 1 to {MAX_TOKENS_LIMIT}", name)
-    if n + max_tokens > context:
-        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                            f"{n + max_tokens} tokens ({n} in the messages, {max_tokens} in the completion). "
-                            f"Please reduce the length of the messages or completion ({name}).",
-                       name, "context_length_exceeded")
     return max_tokens
 
 
@@ -257,24 +170,27 @@ def _prediction(prediction: Any) -> str:
     return content
 
 
-def _named_tool(choice: Any) -> str | None:
-    """The function a tool_choice names, if it names one; anything but OpenAI's forms is refused."""
+def _tool_choice(body: dict[str, Any], tools: list[dict[str, Any]] | None) -> ToolChoice:
+    """OpenAI's tool_choice and parallel_tool_calls; anything but OpenAI's forms is refused."""
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise APIError(400, "parallel_tool_calls must be true or false", "parallel_tool_calls")
     if isinstance(choice, dict):
         function = choice.get("function") if choice.get("type") == "function" else None
         named = function.get("name") if isinstance(function, dict) else None
         if not isinstance(named, str):
             raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or "
                                 "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
-        return named
+        return ToolChoice("required", named, parallel)
     if choice not in ("auto", "none", "required"):
         raise APIError(400, f"tool_choice {choice!r} must be 'auto', 'none', 'required' or a named function",
                        "tool_choice")
-    return None
+    return ToolChoice(choice, None, parallel)
 
 
-def _messages(messages: Any, replies: ReplyMemory | None = None) -> list[dict[str, Any]]:
-    """OpenAI messages as Qwen's chat template expects them: text content, tool-call arguments as objects, and
-    a reply this server generated with the ids it was generated as."""
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI messages as Qwen's chat template expects them: text content, tool-call arguments as objects."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", "messages")
     out = []
@@ -290,20 +206,12 @@ def _messages(messages: Any, replies: ReplyMemory | None = None) -> list[dict[st
                 message["tool_calls"] = [_tool_call_in(c, i) for c in calls]
         if m.get("name") and m["role"] == "tool":
             message["name"] = m["name"]
-        generated = replies.ids_for(message["content"]) if replies and message["role"] == "assistant" else None
-        if generated:
-            message["token_ids"] = generated
         out.append(message)
     return out
 
 
 def _text(content: Any, i: int) -> str:
-    text = _content(content, i)
-    try:
-        check_text(f"messages[{i}].content", text, "messages")
-    except QwenMLXError as e:
-        raise APIError(400, str(e), "messages") from None
-    return text
+    return checked_text("messages", _content(content, i), f"messages[{i}].content")
 
 
 def _content(content: Any, i: int) -> str:
@@ -393,31 +301,21 @@ class ResponseBuilder:
 
     def __init__(self, request: APIRequest, served: ServedModel):
         self.request, self.model = request, served
-        self.forced = ToolArgumentsStream() if request.forced_tools else None
-        self.tools = ToolCallStream() if request.parse_tools and not request.forced_tools else None
+        self.parts = ReplyParts(served, request.parse_tools, request.forced_tools, chat=request.chat)
         self.content: list[str] = []
         self.calls: list[list[str]] = []  # [name, arguments' JSON text] per call
         self.logprobs: list[dict[str, Any]] = []
         self.text_offsets: list[int] = []  # where each token's text starts in the reply (/v1/completions)
-        self.tokens: list[int] = []  # the reply's ids, remembered for the conversation's next turn
         self.started = False
 
     def add(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
         """Stream payloads for one chunk (possibly none: text held back as a possible stop or tool markup)."""
         logprob = self._logprob(chunk) if chunk.token is not None and self.request.logprobs is not None else None
-        if chunk.token is not None:
-            self.tokens.append(chunk.token)
-        return self._payloads(*self._split(chunk.text), logprob)
+        return self._payloads(*self._sorted(self.parts.add(chunk)), logprob)
 
     def finish(self, last: GenerationChunk) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """The closing stream payloads and the complete response, from the last chunk (finish reason, stats)."""
-        text, calls = self._split(last.text)
-        if self.tools is not None:
-            more_text, more_calls = self._sorted(self.tools.finish())
-            text, calls = text + more_text, calls + more_calls
-        payloads = self._payloads(text, calls, None)
-        if self.request.chat and not self.calls and self.model.replies is not None:
-            self.model.replies.remember("".join(self.content), self.tokens)
+        payloads = self._payloads(*self._sorted(self.parts.finish(last)), None)
         reason = "length" if last.finish_reason == "length" else "tool_calls" if self.calls else "stop"
         stats = last.stats or GenerationStats()
         if self.request.chat:
@@ -444,22 +342,16 @@ class ResponseBuilder:
             payloads.append({**self._chunk({}, None), "choices": [], "usage": usage(stats)})
         return payloads, response
 
-    def _split(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """A chunk's text as (content, tool-call deltas)."""
-        if not text:
-            return "", []
-        if self.forced is not None:
-            return "", [self._piece_delta(piece) for piece in self.forced.feed(text)]
-        if self.tools is not None:
-            return self._sorted(self.tools.feed(text))
-        return text, []
-
-    def _sorted(self, parts: list[str | ToolCall]) -> tuple[str, list[dict[str, Any]]]:
+    def _sorted(self, parts: list[str | ToolCall | CallPiece]) -> tuple[str, list[dict[str, Any]]]:
+        """A chunk's parts as (content, tool-call deltas)."""
         text = "".join(p for p in parts if isinstance(p, str))
         deltas = []
-        for call in (p for p in parts if isinstance(p, ToolCall)):
-            self.calls.append([call.name, json.dumps(call.arguments, ensure_ascii=False)])
-            deltas.append(self._call_delta(len(self.calls) - 1, call.name, self.calls[-1][1]))
+        for part in parts:
+            if isinstance(part, ToolCall):
+                self.calls.append([part.name, json.dumps(part.arguments, ensure_ascii=False)])
+                deltas.append(self._call_delta(len(self.calls) - 1, part.name, self.calls[-1][1]))
+            elif isinstance(part, CallPiece):
+                deltas.append(self._piece_delta(part))
         return text, deltas
 
     def _piece_delta(self, piece: CallPiece) -> dict[str, Any]:
