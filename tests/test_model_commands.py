@@ -193,3 +193,24 @@ def test_models_under_qwen_mlx_home_are_listed_run_by_name_and_removed_only_ther
     assert not (models / "linked").exists() and sorted(p.name for p in elsewhere.iterdir()) == \
         sorted(p.name for p in source.iterdir())
     assert all(f.exists() for f in source.iterdir())
+
+
+def test_list_spells_out_what_a_terminal_would_act_on(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder name or config value with escape sequences (retitle the window, clear the screen, recolour) or a
+    line break is shown, never acted on."""
+    name = "evil\x1b]0;pwned\x07\x1b[31mred\nline"
+    folder = tmp_path / "home" / "models" / name
+    folder.mkdir(parents=True)
+    for file in source.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": "\x1b[2J"}))
+    monkeypatch.setenv("QWEN_MLX_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "no-cache"))
+    capsys.readouterr()
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07")
+    header, row = out.splitlines()
+    assert row.startswith("evil\\x1b]0;pwned\\x07\\x1b[31mred\\nline  ") and "\\x1b[2J" in row

@@ -25,15 +25,22 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(row(model)))
         return 0
     if not models:
-        print(f"No models yet in {environment_note()}; get one with `qwen-mlx pull qwen2.5`.")
+        print(f"No models yet in {printable(environment_note())}; get one with `qwen-mlx pull qwen2.5`.")
         return 0
     header = ("NAME", "ALIAS", "SIZE", "BITS", "CONTEXT", "LAST USED")
-    lines = [header] + [(m.name, m.aliases[0] if m.aliases else "-", describe_size(m.size), m.bits,
-                         str(m.context_length or "?"), ago(last_used(m.name))) for m in models]
+    cells = [(m.name, m.aliases[0] if m.aliases else "-", describe_size(m.size), m.bits, str(m.context_length or "?"),
+              ago(last_used(m.name))) for m in models]
+    lines = [header] + [tuple(map(printable, line)) for line in cells]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     return 0
+
+
+def printable(text: str) -> str:
+    """`text` with each character a terminal would act on, not show (an escape sequence's ESC, a control code, a
+    line break or a bidirectional override in a folder's name or a config.json value), spelled out as `\\x1b`."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def row(model: LocalModel) -> dict[str, Any]:
