@@ -14,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from qwen_mlx.engine.lifecycle import Phase
 from qwen_mlx.engine.registry import (
     LocalModels,
     ModelNotFound,
@@ -167,7 +168,7 @@ def test_keep_alive_unloads_an_idle_model_and_returns_its_memory(make_registry) 
     time.sleep(0.6)
     assert {e.name for e in registry.loaded()} == {"a", "b"}
     now[0] += 2
-    wait_for(lambda: [e.name for e in registry.loaded()] == ["b"] and entry.worker.unloaded.is_set())
+    wait_for(lambda: [e.name for e in registry.loaded()] == ["b"] and entry.worker.phase is Phase.UNLOADED)
     assert entry.worker.model is None
     assert mx.get_active_memory() - baseline < entry.size
 

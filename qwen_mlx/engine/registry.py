@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
+from qwen_mlx.engine.lifecycle import Phase
 from qwen_mlx.engine.worker import ModelWorker
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.store.catalog import LocalModel, describe_folder, find_local, local_models
@@ -281,7 +282,7 @@ class ModelRegistry:
         self._unloading_bytes += self._planned.get(entry.source.key, 0)
 
     def _least_recently_used_idle(self) -> LoadedModel | None:
-        idle = [e for e in self._loaded.values() if e.pending == 0 and e.worker.loaded.is_set() and e.worker.idle]
+        idle = [e for e in self._loaded.values() if e.pending == 0 and e.worker.loaded and e.worker.idle]
         return min(idle, key=lambda e: e.last_used, default=None)
 
     def _retire(self, entry: LoadedModel) -> None:
@@ -296,7 +297,7 @@ class ModelRegistry:
             with self._cond:
                 self._unloading -= 1
                 self._unloading_bytes -= self._planned.get(entry.source.key, 0)
-                if entry.worker.unloaded.is_set():
+                if entry.worker.phase is Phase.UNLOADED:
                     self._spare.append(entry.worker)
                 self._cond.notify_all()
 
@@ -310,7 +311,7 @@ class ModelRegistry:
                 now = self._clock()
                 expired = []
                 for entry in list(self._loaded.values()):
-                    if entry.pending or not entry.worker.loaded.is_set():
+                    if entry.pending or not entry.worker.loaded:
                         continue
                     if not entry.worker.idle:
                         entry.last_used = now

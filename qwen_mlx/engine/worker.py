@@ -39,6 +39,7 @@ import mlx.nn as nn
 from qwen_mlx.engine.decode import Decoder
 from qwen_mlx.engine.decode import Sequence as TokenSequence
 from qwen_mlx.engine.generate import GenerationChunk, ReplyText, text_chunks
+from qwen_mlx.engine.lifecycle import Lifecycle, Phase
 from qwen_mlx.engine.lockstep import HEARTBEAT_S, Lockstep, Plan, Start, decode_request, encode_request
 from qwen_mlx.engine.prefix_cache import CacheStats, DiskTier, PrefixCache, ReplyMemory, settings_tag
 from qwen_mlx.engine.request import GenerationRequest, Prompt, prepare_request
@@ -159,8 +160,7 @@ class ModelWorker:
         lockstep: Lockstep | None = None,
     ):
         self.lockstep = lockstep
-        self.finished = threading.Event()  # under lockstep: rank 0 has said that it is done
-        self._exiting = False
+        self.lifecycle = Lifecycle()
         self._uids = itertools.count()
         self._by_uid: dict[int, Running] = {}
         self._admitted: dict[int, Job] = {}  # rank 0's jobs between their plan and their start
@@ -177,7 +177,6 @@ class ModelWorker:
         self.model: nn.Module | None = None
         self.tokenizer: Tokenizer | None = None
         self.load_error: BaseException | None = None
-        self.loaded = threading.Event()
         self._load = load
         self._on_status = on_status or (lambda message: None)
         self._lock = threading.Lock()
@@ -193,17 +192,21 @@ class ModelWorker:
         self._busy_sessions: set[str] = set()
         # A session's last finished cache, for `forget`: weak, so an entry the prefix cache drops is freed.
         self._entry_of: weakref.WeakValueDictionary[str, PromptCache] = weakref.WeakValueDictionary()
-        self._closing = threading.Event()
-        self._unload_asked = False  # `unload` was called: no more jobs
-        self._unloading = False  # set on this thread by `unload`'s errand: end the loop once nothing runs
-        self.unloaded = threading.Event()  # set once the model and its caches are dropped (the thread parks)
-        self._reload = threading.Event()  # wakes the parked thread for the next model
         self._thread = threading.Thread(target=self._run, name="qwen-mlx-model", daemon=True)
         self._thread.start()
 
+    @property
+    def phase(self) -> Phase:
+        return self.lifecycle.phase
+
+    @property
+    def loaded(self) -> bool:
+        """The model is loaded (or failed to load) and not yet unloaded."""
+        return self.lifecycle.is_in(Phase.SERVING, Phase.CLOSING, Phase.DRAINING)
+
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Block until the model is loaded (or failed to load); False if `timeout` ran out first."""
-        return self.loaded.wait(timeout)
+        return self.lifecycle.wait_for(*(p for p in Phase if p is not Phase.LOADING), timeout=timeout)
 
     @property
     def busy(self) -> bool:
@@ -256,7 +259,7 @@ class ModelWorker:
     def submit_request(self, session: str | None, request: GenerationRequest, *,
                        notify: Callable[[], None] | None = None) -> Job:
         """Queue a request already checked (`prepare_request`); raises `WorkerBusy` when the queue is full."""
-        if self._unload_asked:
+        if self.lifecycle.is_in(Phase.DRAINING, Phase.UNLOADED):
             raise WorkerBusy("the model was unloaded; send the request again to load it")
         with self._lock:
             if self.max_queue is not None and self.waiting >= self.max_queue:
@@ -273,7 +276,7 @@ class ModelWorker:
     def cancel_all(self) -> None:
         """Cancel the running and waiting jobs, and every job submitted from now on (the server is stopping):
         each ends within a token with finish_reason "cancelled"."""
-        self._closing.set()
+        self.lifecycle.move_from((Phase.LOADING, Phase.SERVING), Phase.CLOSING)
         for running in list(self._running.values()):
             running.job.cancel()
 
@@ -284,7 +287,7 @@ class ModelWorker:
         Call it before the interpreter exits: a thread inside MLX then aborts the process. The thread itself stays
         parked rather than ending, since MLX's thread-local cleanup at thread exit also needs the interpreter.
         """
-        if self.unloaded.is_set():
+        if self.lifecycle.is_in(Phase.UNLOADED):
             return True
         self.cancel_all()
         idle = threading.Event()
@@ -293,8 +296,8 @@ class ModelWorker:
             log.warning("the model thread did not become idle within %.0f s", timeout)
             return False
         if self.lockstep is not None:
-            self._inbox.put(lambda: setattr(self, "_exiting", True))
-            if not self.finished.wait(timeout):
+            self._inbox.put(lambda: None)  # wakes rank 0, which tells the others to exit (`_plan`)
+            if not self.lifecycle.wait_for(Phase.FINISHED, timeout=timeout):
                 log.warning("the other processes did not take the last step within %.0f s", timeout)
                 return False
         if self.prefixes is not None and self.prefixes.disk is not None:
@@ -307,7 +310,7 @@ class ModelWorker:
 
     def follow(self) -> None:
         """On a rank other than 0: let this worker follow rank 0's plans until rank 0 is done."""
-        self.finished.wait()
+        self.lifecycle.wait_for(Phase.FINISHED)
 
     def unload(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
         """Cancel every job (each ends within a token), then drop the model, its draft model, the session caches
@@ -317,18 +320,19 @@ class ModelWorker:
         The thread is kept, parked, rather than ended: an MLX thread that ends can abort the process at exit (the
         CPU backend's stream threads), and a parked one is ready for the next model (`reload`).
         """
-        if self.unloaded.is_set():
+        if self.lifecycle.is_in(Phase.UNLOADED):
             return True
-        self._unload_asked = True
-        self.cancel_all()
-        self._inbox.put(self._end_loop)
-        return self.unloaded.wait(timeout)
+        self.lifecycle.move(Phase.DRAINING)
+        for running in list(self._running.values()):
+            running.job.cancel()
+        self._inbox.put(lambda: None)  # wakes the thread, which ends its loop once the jobs it has are ended
+        return self.lifecycle.wait_for(Phase.UNLOADED, timeout=timeout)
 
     def reload(self, load: Loader, *, options: dict[str, Any] | None = None,
                load_draft: Callable[[Tokenizer], DraftModel] | None = None,
                on_status: Callable[[str], None] | None = None) -> None:
         """Load another model on this unloaded worker's thread, as a new worker would (see `__init__`)."""
-        if not self.unloaded.is_set():
+        if not self.lifecycle.is_in(Phase.UNLOADED):
             raise RuntimeError("reload() needs an unloaded worker")
         self._load, self._load_draft = load, load_draft
         self._on_status = on_status or self._on_status
@@ -336,26 +340,18 @@ class ModelWorker:
         self.load_error = None
         self.generated_tokens = 0
         self._token_times.clear()
-        self._unload_asked = self._unloading = False
-        self._closing.clear()
-        self.loaded.clear()
-        self.unloaded.clear()
-        self._reload.set()
+        self.lifecycle.move(Phase.LOADING)  # wakes the parked thread
 
     # --- on the worker's thread ---
-
-    def _end_loop(self) -> None:
-        self._unloading = True
 
     def _run(self) -> None:
         with mx.stream(mx.new_stream(mx.default_device())):
             while True:
                 self._serve_model()
-                if self.finished.is_set():
+                if self.lifecycle.is_in(Phase.FINISHED):
                     break  # lockstep: rank 0 is done
                 self._drop_model()
-                self._reload.wait()  # parked until `reload`
-                self._reload.clear()
+                self.lifecycle.wait_for(Phase.LOADING)  # parked until `reload`
             threading.Event().wait()  # parked: see `close`
 
     def _serve_model(self) -> None:
@@ -378,8 +374,8 @@ class ModelWorker:
         self._decoder = decoder
         if self.model is not None:
             self.prefixes = self._prefix_cache()
-        self.loaded.set()
-        while not (self._unloading and not self._running and not self._queued) and not self.finished.is_set():
+        self.lifecycle.move_from((Phase.LOADING,), Phase.SERVING)
+        while not self._drained() and not self.lifecycle.is_in(Phase.FINISHED):
             try:
                 if self.lockstep is not None:
                     self._lockstep_turn(decoder)
@@ -398,6 +394,11 @@ class ModelWorker:
                 log.exception("the model thread hit an error; failing the running jobs")
                 self._fail_all(decoder, QwenMLXError("internal error while generating; see the server log"))
 
+    def _drained(self) -> bool:
+        """An unload was asked and every job it cancelled has ended (including those still in the inbox)."""
+        return self.lifecycle.is_in(Phase.DRAINING) and not self._running and not self._queued \
+            and self._inbox.empty()
+
     def _drop_model(self) -> None:
         """`unload`'s end: nothing may keep a reference to the model's or the caches' arrays, or their memory stays.
         The prefix cache's entries go to its disk tier first, so the model's next load resumes them."""
@@ -410,7 +411,7 @@ class ModelWorker:
         self._entry_of.clear()
         gc.collect()  # modules and caches may sit in reference cycles
         mx.clear_cache()
-        self.unloaded.set()
+        self.lifecycle.move(Phase.UNLOADED)
 
     def _abort(self, error: BaseException) -> None:
         """End this rank's process with one line: the ranks can no longer take the same steps."""
@@ -439,11 +440,12 @@ class ModelWorker:
             if self.lockstep.leads:
                 self._left_queue()
         if plan.exit:
-            self.finished.set()
+            self.lifecycle.move(Phase.FINISHED)
 
     def _plan(self) -> Plan:
         """Rank 0's decisions of this turn: what to forget, cancel and start, or to stop."""
-        plan = Plan(forget=self._forgotten, exit=self._exiting and not self._running)
+        # Closing, rank 0 tells the others to exit once nothing runs (`close` waits for that).
+        plan = Plan(forget=self._forgotten, exit=self.lifecycle.is_in(Phase.CLOSING) and not self._running)
         self._forgotten = []
         plan.cancel = [r.uid for r in self._running.values() if r.job.cancelled.is_set() and not r.cancel.is_set()]
         if plan.exit:
@@ -527,7 +529,7 @@ class ModelWorker:
             if self.load_error is not None:
                 self._end(job, self.load_error)
                 self._left_queue()
-            elif job.cancelled.is_set() or self._closing.is_set():  # cancelled while waiting in the queue
+            elif job.cancelled.is_set() or self.lifecycle.is_in(Phase.CLOSING, Phase.DRAINING):  # ended while queued
                 self._end(job, GenerationChunk("", None, "cancelled"))
                 self._left_queue()
             else:

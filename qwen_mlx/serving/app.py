@@ -218,7 +218,7 @@ class Endpoints:
 
     async def health(self, request: HTTPRequest) -> Response:
         loaded = self.registry.loaded()
-        workers = [e.worker for e in loaded if e.worker.loaded.is_set()]
+        workers = [e.worker for e in loaded if e.worker.loaded]
         now = time.monotonic()
         return JSONResponse({
             "status": "ok", "model": self.settings.model_id, "busy": any(w.busy for w in workers),
