@@ -96,13 +96,6 @@ def test_unterminated_call_cut_mid_json_is_an_error() -> None:
     assert result.calls == [] and len(result.errors) == 1
 
 
-def test_openai_form_serializes_arguments_as_a_json_string() -> None:
-    call = ToolCall("get_weather", {"city": "東京"})
-    openai = call.to_openai("call_0")
-    assert openai["function"]["name"] == "get_weather"
-    assert json.loads(openai["function"]["arguments"]) == {"city": "東京"}
-
-
 def _stream(text: str, step: int) -> tuple[list[str], list[ToolCall], list[str]]:
     """Feed `text` `step` characters at a time, as a streamed reply arrives; the content pieces, calls, errors."""
     stream = ToolCallStream()

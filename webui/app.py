@@ -10,6 +10,7 @@ message box.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,55 @@ def recall(saved: Any) -> tuple[Any, ...]:
     return tuple(saved[n] if isinstance(saved.get(n), int | float | str) else gr.skip() for n in names)
 
 
+@dataclass
+class Controls:
+    """The page's controls and per-browser state, as the handlers' inputs and outputs name them."""
+
+    owner: Any
+    open_id: Any
+    saved_settings: Any
+    conversation: Any
+    deleted: Any
+    attachments: Any
+    shown: Any
+    new_chat: Any
+    search: Any
+    conversations: Any
+    title: Any
+    export_md: Any
+    export_json: Any
+    import_json: Any
+    delete: Any
+    undo_delete: Any
+    chatbot: Any
+    status: Any
+    attach: Any
+    message: Any
+    attachments_view: Any
+    clear_attachments: Any
+    meter: Any
+    picker: Any
+    preset: Any
+    system_prompt: Any
+    policy: Any
+    sampling: list[Any]
+    chat_meta: Any
+    branch_action: Any
+    api_send: Any
+    timer: Any
+
+    @property
+    def outputs(self) -> list[Any]:
+        """What every conversation handler returns (ChatApp.OUTPUTS), in that order."""
+        return [self.conversation, self.chatbot, self.message, self.conversations, self.chat_meta, self.status,
+                self.meter, self.open_id, self.system_prompt, self.title, self.attachments, self.attachments_view,
+                self.picker]
+
+    @property
+    def settings(self) -> list[Any]:
+        return [self.system_prompt, self.policy, *self.sampling]
+
+
 def build_app(models: PageModels, store: ConversationStore, *, model_name: str, demo: bool, browser_secret: str,
               max_batch: int, max_queue: int | None) -> gr.Blocks:
     """The chat page over the models a conversation can pick (the default one loaded, or failed);
@@ -73,150 +123,193 @@ def build_app(models: PageModels, store: ConversationStore, *, model_name: str, 
         else SamplingParams()
     # Gradio copies every file a handler returns (the exports) into its cache: clear what is a day old, hourly.
     with gr.Blocks(title="qwen-mlx chat", fill_height=True, delete_cache=(3600, 86400)) as page:
-        owner = gr.BrowserState(None, storage_key="qwen-mlx-owner", secret=browser_secret)
-        open_id = gr.BrowserState(None, storage_key="qwen-mlx-open", secret=browser_secret)
+        parts = {**browser_state(browser_secret), **sidebar()}
+        with gr.Row(equal_height=False, elem_id="page-row"):
+            parts.update(main_column(model_info(models, model_name, demo, load_error), demo))
+            parts.update(settings_column(models, app.default_system, defaults))
+        parts.update(page_script_fields())
+        controls = Controls(**{f.name: parts[f.name] for f in fields(Controls)})
+        assert len(controls.outputs) == len(ChatApp.OUTPUTS)
+        wire_replies(app, controls, max_batch, max_queue)
+        wire_conversations(app, controls)
+        wire_settings(app, controls, page)
+    return page
+
+
+def browser_state(browser_secret: str) -> dict[str, Any]:
+    return {
+        "owner": gr.BrowserState(None, storage_key="qwen-mlx-owner", secret=browser_secret),
+        "open_id": gr.BrowserState(None, storage_key="qwen-mlx-open", secret=browser_secret),
         # (BrowserState encrypts with a key made at each start unless given one: the settings too must survive a
         # restart.)
-        saved_settings = gr.BrowserState(None, storage_key="qwen-mlx-settings", secret=browser_secret)
-        conversation = gr.State(None)  # set by the page load, or by the first request of an API client
-        deleted = gr.State(None)  # the conversation last deleted, for Undo
-        attachments = gr.State([])  # files attached to the message being written: [{"name", "text"}]
-        shown = gr.State(None)  # the list as this tab last drew it (the timer redraws it only when it changed)
+        "saved_settings": gr.BrowserState(None, storage_key="qwen-mlx-settings", secret=browser_secret),
+        "conversation": gr.State(None),  # set by the page load, or by the first request of an API client
+        "deleted": gr.State(None),  # the conversation last deleted, for Undo
+        "attachments": gr.State([]),  # files attached to the message being written: [{"name", "text"}]
+        "shown": gr.State(None),  # the list as this tab last drew it (the timer redraws it only when it changed)
+    }
 
-        with gr.Sidebar(open=False, elem_id="sidebar", width=300):
-            new_chat = gr.Button("+ New chat", elem_id="new-chat", variant="primary", size="sm")
-            search = gr.Textbox(placeholder="Search conversations", show_label=False, elem_id="search",
-                                container=False)
-            conversations = gr.Radio([], label="Conversations", elem_id="conversations")
-            with gr.Column(elem_id="this-conversation"):
-                title = gr.Textbox(label="Title (Enter renames it)", elem_id="title", max_lines=1)
-                with gr.Row():
-                    export_md = gr.DownloadButton("Export .md", elem_id="export-md", size="sm", interactive=False,
-                                                  min_width=80)
-                    export_json = gr.DownloadButton("Export .json", elem_id="export-json", size="sm",
-                                                    interactive=False, min_width=80)
-                with gr.Row():
-                    import_json = gr.UploadButton("Import .json", file_types=[".json"], elem_id="import-json",
-                                                  size="sm", min_width=80)
-                    delete = gr.Button("Delete", elem_id="delete", size="sm", variant="stop", min_width=80)
-                undo_delete = gr.Button("Undo", elem_id="undo-delete", size="sm", visible=False)
 
-        with gr.Row(equal_height=False, elem_id="page-row"):
-            with gr.Column(scale=4, elem_id="main"):
-                gr.Markdown(model_info(models, model_name, demo, load_error), elem_id="model-info")
-                chatbot = gr.Chatbot(
-                    elem_id="chatbot", height="62vh", editable="user", buttons=["copy", "copy_all"],
-                    latex_delimiters=LATEX_DELIMITERS, feedback_options=None, show_label=False,
-                    group_consecutive_messages=False,
-                    placeholder="Ask anything." if not demo else "Demo model: expect gibberish.",
-                )
-                status = gr.HTML("", elem_id="status")
-                with gr.Row(elem_id="composer", equal_height=True):
-                    attach = gr.UploadButton("Attach", file_count="multiple", elem_id="attach", size="sm", scale=0,
-                                             min_width=70)
-                    message = gr.Textbox(
-                        placeholder="Message (Enter sends, Shift+Enter for a new line)", show_label=False,
-                        elem_id="message", lines=1, max_lines=12, scale=10, submit_btn=True, stop_btn=False,
-                        interactive=False,  # until the page load has restored the conversation (ChatApp.restore)
-                    )
-                with gr.Row(elem_id="composer-extras"):
-                    attachments_view = gr.HTML("", elem_id="attachments")
-                    clear_attachments = gr.Button("Remove attachments", elem_id="clear-attachments", size="sm",
-                                                  scale=0, min_width=160)
-                meter = gr.HTML("", elem_id="context-meter")
-            with gr.Column(scale=1, min_width=260, elem_id="settings"):
-                picker = gr.Dropdown(models.choices(), value=models.default, label="Model (this conversation's)",
-                                     elem_id="model-picker")
-                preset = gr.Dropdown(list(PRESETS), value=None, label="System prompt preset", elem_id="preset")
-                system_prompt = gr.Textbox(app.default_system, label="System prompt (saved with the conversation; "
-                                           "empty: none)", lines=4, elem_id="system-prompt")
-                policy = gr.Radio(POLICIES, value=DROP_OLDEST, label="When the context is full",
-                                  elem_id="context-policy")
-                with gr.Accordion("Sampling", open=True):
-                    sampling = [
-                        gr.Slider(0, 2, defaults.temperature, step=0.05, label="Temperature (0: greedy)",
-                                  elem_id="temperature"),
-                        gr.Slider(0.05, 1, defaults.top_p, step=0.05, label="Top p", elem_id="top-p"),
-                        gr.Slider(0, 200, defaults.top_k, step=1, label="Top k (0: off)", elem_id="top-k"),
-                        gr.Slider(0, 0.5, defaults.min_p, step=0.01, label="Min p", elem_id="min-p"),
-                        gr.Slider(0.8, 2, defaults.repetition_penalty, step=0.01, label="Repetition penalty",
-                                  elem_id="repetition-penalty"),
-                        gr.Slider(1, MAX_TOKENS_LIMIT, DEFAULT_MAX_TOKENS, step=1, label="Max new tokens",
-                                  elem_id="max-tokens"),
-                        gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed"),
-                    ]
-        # What page.js reads and writes: the lines under the messages, and the ‹ › clicks.
-        chat_meta = gr.Textbox("[]", visible="hidden", elem_id="chat-meta")
-        branch_action = gr.Textbox("", visible="hidden", elem_id="branch-action")
-        api_send = gr.Button(visible=False)  # carries the one-call /send endpoint of API clients
-        timer = gr.Timer(REFRESH_SECONDS)
+def sidebar() -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    with gr.Sidebar(open=False, elem_id="sidebar", width=300):
+        c["new_chat"] = gr.Button("+ New chat", elem_id="new-chat", variant="primary", size="sm")
+        c["search"] = gr.Textbox(placeholder="Search conversations", show_label=False, elem_id="search",
+                                 container=False)
+        c["conversations"] = gr.Radio([], label="Conversations", elem_id="conversations")
+        with gr.Column(elem_id="this-conversation"):
+            c["title"] = gr.Textbox(label="Title (Enter renames it)", elem_id="title", max_lines=1)
+            with gr.Row():
+                c["export_md"] = gr.DownloadButton("Export .md", elem_id="export-md", size="sm", interactive=False,
+                                                   min_width=80)
+                c["export_json"] = gr.DownloadButton("Export .json", elem_id="export-json", size="sm",
+                                                     interactive=False, min_width=80)
+            with gr.Row():
+                c["import_json"] = gr.UploadButton("Import .json", file_types=[".json"], elem_id="import-json",
+                                                   size="sm", min_width=80)
+                c["delete"] = gr.Button("Delete", elem_id="delete", size="sm", variant="stop", min_width=80)
+            c["undo_delete"] = gr.Button("Undo", elem_id="undo-delete", size="sm", visible=False)
+    return c
 
-        outputs = [conversation, chatbot, message, conversations, chat_meta, status, meter, open_id, system_prompt,
-                   title, attachments, attachments_view, picker]
-        assert len(outputs) == len(ChatApp.OUTPUTS)
-        settings = [system_prompt, policy, *sampling]
-        exports = [export_md, export_json]
-        quick = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
-        # Every reply goes to the worker, which decodes up to --max-batch of them together and queues the rest
-        # (each then says how many wait before it); Gradio's own queue holds only what exceeds that.
-        model_queue = {"concurrency_limit": max_batch + (max_queue or 0), "concurrency_id": "model",
-                       "show_progress": "hidden"}
 
-        def then_export(event: Any) -> Any:
-            return event.then(app.exports, [conversation], exports, **quick)
+def main_column(info: str, demo: bool) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    with gr.Column(scale=4, elem_id="main"):
+        gr.Markdown(info, elem_id="model-info")
+        c["chatbot"] = gr.Chatbot(
+            elem_id="chatbot", height="62vh", editable="user", buttons=["copy", "copy_all"],
+            latex_delimiters=LATEX_DELIMITERS, feedback_options=None, show_label=False,
+            group_consecutive_messages=False,
+            placeholder="Ask anything." if not demo else "Demo model: expect gibberish.",
+        )
+        c["status"] = gr.HTML("", elem_id="status")
+        with gr.Row(elem_id="composer", equal_height=True):
+            c["attach"] = gr.UploadButton("Attach", file_count="multiple", elem_id="attach", size="sm", scale=0,
+                                          min_width=70)
+            c["message"] = gr.Textbox(
+                placeholder="Message (Enter sends, Shift+Enter for a new line)", show_label=False,
+                elem_id="message", lines=1, max_lines=12, scale=10, submit_btn=True, stop_btn=False,
+                interactive=False,  # until the page load has restored the conversation (ChatApp.restore)
+            )
+        with gr.Row(elem_id="composer-extras"):
+            c["attachments_view"] = gr.HTML("", elem_id="attachments")
+            c["clear_attachments"] = gr.Button("Remove attachments", elem_id="clear-attachments", size="sm",
+                                               scale=0, min_width=160)
+        c["meter"] = gr.HTML("", elem_id="context-meter")
+    return c
 
-        def then_generate(event: Any) -> None:
-            then_export(event.then(app.generate, [conversation, *settings], outputs, api_visibility="private",
-                                   **model_queue))
 
-        # The quick steps show the question (and an empty reply) at once; the reply streams in the next step.
-        then_generate(message.submit(app.prepare_send, [message, attachments, conversation], outputs, **quick))
-        then_generate(chatbot.retry(app.prepare_retry, [conversation], outputs, **quick))
-        then_generate(chatbot.edit(app.prepare_edit, [conversation], outputs, **quick))
-        api_send.click(app.api_send, [message, conversation, *settings[:1], *sampling], outputs, api_name="send",
-                       **model_queue)
-        # Stop raises the reply's cancel flag and returns once the streaming handler has ended (within a token).
-        # It does not use Gradio's `cancels=`: cancelling a running stream races its last updates in the browser,
-        # which then shows "Error" over the chat. (A closed generator still raises the flag: see stream_reply.)
-        message.stop(app.stop, [conversation], outputs, api_name="stop", queue=False, show_progress="hidden")
-        then_export(chatbot.undo(app.undo, [conversation], outputs, **quick))
-        # A new chat clears the search too, so that the list shows where it will appear.
-        then_export(new_chat.click(app.new_chat, [conversation], [*outputs, search], api_name="new_chat",
-                                   queue=False, show_progress="hidden"))
-        then_export(conversations.input(app.open, [conversations, conversation, search], outputs, **quick))
-        then_export(branch_action.change(app.switch_branch, [branch_action, conversation], outputs, **quick))
-        then_export(delete.click(app.delete, [conversation, search], [*outputs, deleted, undo_delete], **quick))
-        then_export(undo_delete.click(app.undo_delete, [deleted, conversation, search],
-                                      [*outputs, deleted, undo_delete], **quick))
-        for trigger in (title.submit, title.blur):
-            then_export(trigger(app.rename, [title, conversation, search], outputs, **quick))
-        then_export(import_json.upload(app.import_json, [import_json, conversation, search], outputs,
-                                       api_visibility="private", show_progress="hidden"))
-        # .change, not .input: Gradio's "input" comes from key presses, and Backspace, Delete or a paste with the
-        # mouse send none.
-        search.change(app.search, [search, conversation], conversations, trigger_mode="always_last", **quick)
-        timer.tick(app.refresh, [conversation, search, shown], [conversations, shown], **quick)
+def settings_column(models: PageModels, default_system: str, defaults: SamplingParams) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    with gr.Column(scale=1, min_width=260, elem_id="settings"):
+        c["picker"] = gr.Dropdown(models.choices(), value=models.default, label="Model (this conversation's)",
+                                  elem_id="model-picker")
+        c["preset"] = gr.Dropdown(list(PRESETS), value=None, label="System prompt preset", elem_id="preset")
+        c["system_prompt"] = gr.Textbox(default_system, label="System prompt (saved with the conversation; "
+                                        "empty: none)", lines=4, elem_id="system-prompt")
+        c["policy"] = gr.Radio(POLICIES, value=DROP_OLDEST, label="When the context is full",
+                               elem_id="context-policy")
+        with gr.Accordion("Sampling", open=True):
+            c["sampling"] = [
+                gr.Slider(0, 2, defaults.temperature, step=0.05, label="Temperature (0: greedy)",
+                          elem_id="temperature"),
+                gr.Slider(0.05, 1, defaults.top_p, step=0.05, label="Top p", elem_id="top-p"),
+                gr.Slider(0, 200, defaults.top_k, step=1, label="Top k (0: off)", elem_id="top-k"),
+                gr.Slider(0, 0.5, defaults.min_p, step=0.01, label="Min p", elem_id="min-p"),
+                gr.Slider(0.8, 2, defaults.repetition_penalty, step=0.01, label="Repetition penalty",
+                          elem_id="repetition-penalty"),
+                gr.Slider(1, MAX_TOKENS_LIMIT, DEFAULT_MAX_TOKENS, step=1, label="Max new tokens",
+                          elem_id="max-tokens"),
+                gr.Number(-1, precision=0, label="Seed (-1: random)", elem_id="seed"),
+            ]
+    return c
 
-        system_prompt.change(app.set_system_prompt, [system_prompt, conversation], meter, **quick)
-        preset.input(lambda name, c: app.system_of_preset(PRESETS.get(name), c), [preset, conversation],
-                     system_prompt, **quick)
-        # Picking a model: downloaded (an alias not here yet) and loaded, its progress in the status line.
-        picker.input(app.set_model, [picker, conversation], outputs, api_visibility="private",
-                     show_progress="hidden")
-        message.change(app.draft_meter, [message, attachments, conversation], meter, trigger_mode="always_last",
-                       **quick)
-        attach.upload(app.attach, [attach, attachments, message, conversation],
-                      [attachments, attachments_view, meter, status], api_visibility="private",
-                      show_progress="hidden")
-        clear_attachments.click(app.clear_attachments, [message, conversation], [attachments, attachments_view,
-                                                                                  meter], **quick)
-        # Each change stores all the settings: through a queue of one, so that they are stored in the order made
-        # (two quick changes answered out of order would store the older values last).
-        for control in (policy, *sampling):
-            control.change(app.remember, [conversation, policy, *sampling], [saved_settings, meter],
-                           concurrency_limit=1, concurrency_id="settings", show_progress="hidden",
-                           api_visibility="private")
 
-        then_export(page.load(app.restore, [owner, open_id], [owner, *outputs], **quick))
-        page.load(recall, [saved_settings], [policy, *sampling], **quick)
-    return page
+def page_script_fields() -> dict[str, Any]:
+    """What page.js reads and writes (the lines under the messages, the ‹ › clicks), the API's /send, the timer."""
+    return {
+        "chat_meta": gr.Textbox("[]", visible="hidden", elem_id="chat-meta"),
+        "branch_action": gr.Textbox("", visible="hidden", elem_id="branch-action"),
+        "api_send": gr.Button(visible=False),  # carries the one-call /send endpoint of API clients
+        "timer": gr.Timer(REFRESH_SECONDS),
+    }
+
+
+QUICK: dict[str, Any] = {"queue": False, "show_progress": "hidden", "api_visibility": "private"}
+
+
+def then_export(app: ChatApp, c: Controls, event: Any) -> Any:
+    return event.then(app.exports, [c.conversation], [c.export_md, c.export_json], **QUICK)
+
+
+def wire_replies(app: ChatApp, c: Controls, max_batch: int, max_queue: int | None) -> None:
+    """Send, retry, edit, stop: what writes a reply."""
+    # Every reply goes to the worker, which decodes up to --max-batch of them together and queues the rest
+    # (each then says how many wait before it); Gradio's own queue holds only what exceeds that.
+    model_queue = {"concurrency_limit": max_batch + (max_queue or 0), "concurrency_id": "model",
+                   "show_progress": "hidden"}
+    outputs = c.outputs
+
+    def then_generate(event: Any) -> None:
+        then_export(app, c, event.then(app.generate, [c.conversation, *c.settings], outputs,
+                                       api_visibility="private", **model_queue))
+
+    # The quick steps show the question (and an empty reply) at once; the reply streams in the next step.
+    then_generate(c.message.submit(app.prepare_send, [c.message, c.attachments, c.conversation], outputs, **QUICK))
+    then_generate(c.chatbot.retry(app.prepare_retry, [c.conversation], outputs, **QUICK))
+    then_generate(c.chatbot.edit(app.prepare_edit, [c.conversation], outputs, **QUICK))
+    c.api_send.click(app.api_send, [c.message, c.conversation, c.system_prompt, *c.sampling], outputs,
+                     api_name="send", **model_queue)
+    # Stop raises the reply's cancel flag and returns once the streaming handler has ended (within a token).
+    # It does not use Gradio's `cancels=`: cancelling a running stream races its last updates in the browser,
+    # which then shows "Error" over the chat. (A closed generator still raises the flag: see stream_reply.)
+    c.message.stop(app.stop, [c.conversation], outputs, api_name="stop", queue=False, show_progress="hidden")
+    then_export(app, c, c.chatbot.undo(app.undo, [c.conversation], outputs, **QUICK))
+
+
+def wire_conversations(app: ChatApp, c: Controls) -> None:
+    """The sidebar: new, open, search, rename, delete and undo, import; ‹ › between alternatives."""
+    outputs = c.outputs
+    # A new chat clears the search too, so that the list shows where it will appear.
+    then_export(app, c, c.new_chat.click(app.new_chat, [c.conversation], [*outputs, c.search], api_name="new_chat",
+                                         queue=False, show_progress="hidden"))
+    then_export(app, c, c.conversations.input(app.open, [c.conversations, c.conversation, c.search], outputs,
+                                              **QUICK))
+    then_export(app, c, c.branch_action.change(app.switch_branch, [c.branch_action, c.conversation], outputs,
+                                               **QUICK))
+    undo = [*outputs, c.deleted, c.undo_delete]
+    then_export(app, c, c.delete.click(app.delete, [c.conversation, c.search], undo, **QUICK))
+    then_export(app, c, c.undo_delete.click(app.undo_delete, [c.deleted, c.conversation, c.search], undo, **QUICK))
+    for trigger in (c.title.submit, c.title.blur):
+        then_export(app, c, trigger(app.rename, [c.title, c.conversation, c.search], outputs, **QUICK))
+    then_export(app, c, c.import_json.upload(app.import_json, [c.import_json, c.conversation, c.search], outputs,
+                                             api_visibility="private", show_progress="hidden"))
+    # .change, not .input: Gradio's "input" comes from key presses, and Backspace, Delete or a paste with the
+    # mouse send none.
+    c.search.change(app.search, [c.search, c.conversation], c.conversations, trigger_mode="always_last", **QUICK)
+    c.timer.tick(app.refresh, [c.conversation, c.search, c.shown], [c.conversations, c.shown], **QUICK)
+
+
+def wire_settings(app: ChatApp, c: Controls, page: gr.Blocks) -> None:
+    """The settings column, attachments, the meter, and what a page load restores."""
+    c.system_prompt.change(app.set_system_prompt, [c.system_prompt, c.conversation], c.meter, **QUICK)
+    c.preset.input(lambda name, conversation: app.system_of_preset(PRESETS.get(name), conversation),
+                   [c.preset, c.conversation], c.system_prompt, **QUICK)
+    # Picking a model: downloaded (an alias not here yet) and loaded, its progress in the status line.
+    c.picker.input(app.set_model, [c.picker, c.conversation], c.outputs, api_visibility="private",
+                   show_progress="hidden")
+    c.message.change(app.draft_meter, [c.message, c.attachments, c.conversation], c.meter,
+                     trigger_mode="always_last", **QUICK)
+    c.attach.upload(app.attach, [c.attach, c.attachments, c.message, c.conversation],
+                    [c.attachments, c.attachments_view, c.meter, c.status], api_visibility="private",
+                    show_progress="hidden")
+    c.clear_attachments.click(app.clear_attachments, [c.message, c.conversation],
+                              [c.attachments, c.attachments_view, c.meter], **QUICK)
+    # Each change stores all the settings: through a queue of one, so that they are stored in the order made
+    # (two quick changes answered out of order would store the older values last).
+    for control in (c.policy, *c.sampling):
+        control.change(app.remember, [c.conversation, c.policy, *c.sampling], [c.saved_settings, c.meter],
+                       concurrency_limit=1, concurrency_id="settings", show_progress="hidden",
+                       api_visibility="private")
+    then_export(app, c, page.load(app.restore, [c.owner, c.open_id], [c.owner, *c.outputs], **QUICK))
+    page.load(recall, [c.saved_settings], [c.policy, *c.sampling], **QUICK)

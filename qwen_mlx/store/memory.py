@@ -36,8 +36,6 @@ from qwen_mlx.store.weights import safetensors_header, weight_files
 
 FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 HEADER_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-HEADER_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2,
-                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1 << 10, "mib": 1 << 20,
          "gib": 1 << 30, "tib": 1 << 40}
 # One layer's live intermediates over a chunk, in units of (chunk x hidden) activations: the residual stream,

@@ -13,13 +13,6 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
 
-    def to_openai(self, call_id: str) -> dict[str, Any]:
-        return {
-            "id": call_id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)},
-        }
-
 
 @dataclass
 class ToolCallParse:
