@@ -19,6 +19,7 @@ from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import read_json
 from qwen_mlx.model.cache import CacheSettings
 from qwen_mlx.model.config import ModelConfig
+from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.store.memory import (
     Budget,
     MemoryPlan,
@@ -81,7 +82,7 @@ def make_plan(args: argparse.Namespace) -> tuple[MemoryPlan, str]:
     return plan, "from the safetensors headers" if has_weights else "from config.json's shapes (no weights here)"
 
 
-def describe(plan: MemoryPlan, budget: Budget, chunk: int) -> list[str]:
+def describe(plan: MemoryPlan, budget: Budget, chunk: int, sampling: SamplingParams) -> list[str]:
     c = plan.config
     switch = c.yarn_switch
     rope = (f"YaRN on demand past {switch} (factor {c.dynamic_rope_scaling['factor']:g})" if switch else
@@ -91,6 +92,7 @@ def describe(plan: MemoryPlan, budget: Budget, chunk: int) -> list[str]:
         f"quantization    {plan.quantization}",
         f"weights         {gb(plan.weights)}",
         f"context         {c.context_length} positions, {rope}",
+        f"sampling        {sampling.describe()} (generation_config.json, as transformers applies it)",
         f"memory here     {gb(budget.nbytes)} ({budget.source})",
         "",
         f"{'KV cache':<22}{'bytes/token':>14}{'largest context that fits':>28}",
@@ -118,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     plan, source = make_plan(args)
     print(f"{args.model} ({source})")
-    for line in describe(plan, memory_budget(), args.prefill_step_size):
+    sampling = SamplingParams.from_generation_config(cached_folder(args.model))
+    for line in describe(plan, memory_budget(), args.prefill_step_size, sampling):
         print(line)
     print(f"(a rotating cache stops growing at its window; figures include one prefill chunk of "
           f"{args.prefill_step_size} tokens)", file=sys.stderr)

@@ -54,15 +54,15 @@ class SamplingParams:
     def from_generation_config(cls, folder: str | Path) -> SamplingParams:
         """The model's own defaults (generation_config.json), as transformers applies them.
 
-        Qwen2.5-Instruct ships temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05. A config with
-        `do_sample: false` means greedy.
+        Qwen2.5-Instruct ships `do_sample: true` with temperature 0.7, top_p 0.8, top_k 20, repetition_penalty
+        1.05. As in transformers, `do_sample` defaults to false: a config without it (what transformers writes for
+        a GGUF-derived model, and many fine-tunes ship), or no config at all, means greedy; sampling fields it
+        leaves out take transformers' defaults (temperature 1, top_p 1, top_k 50).
         """
         path = Path(folder) / "generation_config.json"
-        if not path.exists():
-            return cls()
-        g = read_json(path)
+        g = read_json(path) if path.exists() else {}
         try:
-            params = cls().updated(
+            params = TRANSFORMERS_DEFAULTS.updated(
                 temperature=g.get("temperature"),
                 top_p=g.get("top_p"),
                 top_k=g.get("top_k"),
@@ -71,4 +71,16 @@ class SamplingParams:
             )
         except QwenMLXError as e:
             raise QwenMLXError(f"{path}: {e}; fix or remove that entry") from None
-        return params.updated(temperature=0.0) if g.get("do_sample") is False else params
+        return params if g.get("do_sample") is True else params.updated(temperature=0.0)
+
+    def describe(self) -> str:
+        """One line for `qwen-mlx info`: greedy, or the sampling settings."""
+        penalty = f"repetition_penalty {self.repetition_penalty:g}"
+        if self.greedy:
+            return "greedy" if self.repetition_penalty == 1 else f"greedy, {penalty}"
+        return (f"temperature {self.temperature:g}, top_p {self.top_p:g}, top_k {self.top_k or 'off'}, "
+                f"min_p {self.min_p:g}, {penalty}")
+
+
+# GenerationConfig's own defaults in transformers, for the fields a generation_config.json leaves out.
+TRANSFORMERS_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0, top_k=50, min_p=0.0, repetition_penalty=1.0)
