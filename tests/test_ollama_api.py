@@ -163,6 +163,18 @@ def test_listings_show_ps_and_version(client: ollama.Client, demo_server: str) -
     assert version == {"version": OLLAMA_VERSION}
 
 
+@pytest.mark.parametrize("keep_alive", ["300000000000", 1e300, "2562047h"])
+def test_a_keep_alive_of_centuries_keeps_the_model_and_ps_answers(client: ollama.Client, keep_alive: Any) -> None:
+    """A keep-alive too long for a date (past Go's 292-year Duration, as Ollama parses it) is "for ever": /api/ps
+    shows the far date it shows for -1 instead of failing while the model stays loaded."""
+    forever = client.generate(model=MODEL, keep_alive=-1)
+    [pinned] = client.ps().models
+    assert client.generate(model=MODEL, keep_alive=keep_alive).done_reason == "load"
+    [running] = client.ps().models
+    assert running.model == MODEL and running.expires_at.year == pinned.expires_at.year > 2200
+    assert forever.done and client.generate(model=MODEL, keep_alive="5m").done_reason == "load"
+
+
 def test_parameter_count_of_qwen25_7b_is_its_published_size() -> None:
     from qwen_mlx.store.synthetic import SHAPES
 

@@ -230,7 +230,8 @@ def test_an_unknown_name_is_not_found_with_the_close_names(make_registry) -> Non
 
 @pytest.mark.parametrize(("value", "seconds"), [("5m", 300.0), ("1h30m", 5400.0), ("90s", 90.0), ("500ms", 0.5),
                                                 ("0", 0.0), (0, 0.0), (2.5, 2.5), ("300", 300.0), ("-1", None),
-                                                (-1, None), ("-5m", None)])
+                                                (-1, None), ("-5m", None), ("300000000000", None), (1e300, None),
+                                                ("2562047h", None), ("2500000h", 2500000 * 3600.0)])
 def test_keep_alive_takes_ollama_durations(value: object, seconds: float | None) -> None:
     assert keep_alive_seconds(value) == seconds
 

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's default: 5 minutes
 ACQUIRE_TIMEOUT_S = 600.0  # how long a request waits for a busy model to make room
 POLL_S = 0.25  # how often idle models are checked against their keep-alive
+# Ollama parses keep_alive into Go's time.Duration, which ends at about 292 years; anything longer is "for ever"
+# here too, so that no keep-alive is past what a timestamp (/api/ps's expires_at) can hold.
+LONGEST_KEEP_ALIVE_S = 290 * 365 * 86400.0
 
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -40,7 +43,8 @@ _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
 
 def keep_alive_seconds(value: object, what: str = "keep_alive") -> float | None:
     """A keep-alive as Ollama takes it: seconds as a number, or a Go duration ("5m", "1h30m", "90s"); a negative
-    one keeps the model loaded for ever (None); 0 unloads it as soon as it is idle."""
+    one, or one of centuries (past `LONGEST_KEEP_ALIVE_S`), keeps the model loaded for ever (None); 0 unloads it as
+    soon as it is idle."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise QwenMLXError(f"{what} must be a number of seconds or a duration like '5m', not {value!r}", "keep_alive")
     if isinstance(value, str):
@@ -58,7 +62,7 @@ def keep_alive_seconds(value: object, what: str = "keep_alive") -> float | None:
         value = sign * seconds
     if value != value or value in (float("inf"), float("-inf")):  # NaN or infinite: no duration
         raise QwenMLXError(f"{what} {value!r} is not a duration", "keep_alive")
-    return None if value < 0 else float(value)
+    return None if value < 0 or value > LONGEST_KEEP_ALIVE_S else float(value)
 
 
 class ModelNotFound(QwenMLXError):

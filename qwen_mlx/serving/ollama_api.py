@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
+from qwen_mlx.engine.registry import LONGEST_KEEP_ALIVE_S
 from qwen_mlx.engine.request import GenerationRequest, is_int
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.config import ModelConfig
@@ -52,7 +53,8 @@ RUNNER_OPTIONS = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "logit
 # Accepted at the value that leaves the reply as it is, since that is all qwen-mlx does.
 NEUTRAL_OPTIONS = {"presence_penalty": 0, "frequency_penalty": 0, "typical_p": 1, "tfs_z": 1, "mirostat": 0,
                    "repeat_last_n": -1}
-FOREVER = timedelta(days=365 * 290)  # how /api/ps shows "never unloads" (as Ollama does: a date centuries away)
+# How /api/ps shows "never unloads" (as Ollama does: a date centuries away); no keep-alive is longer.
+FOREVER = timedelta(seconds=LONGEST_KEEP_ALIVE_S)
 
 
 def error_body(message: str) -> dict[str, Any]:
@@ -394,7 +396,9 @@ def show(model: LocalModel, template: str, sampling: SamplingParams) -> dict[str
 
 def process(model: LocalModel, size: int, expires_in: float | None, context_length: int) -> dict[str, Any]:
     """A loaded model as /api/ps lists it; on Apple silicon its memory is the GPU's (unified)."""
-    expires = datetime.now(timezone.utc) + (FOREVER if expires_in is None else timedelta(seconds=expires_in))
+    # A registry built with a longer keep-alive than a request may give still shows a date, not an OverflowError.
+    span = FOREVER if expires_in is None else timedelta(seconds=min(expires_in, LONGEST_KEEP_ALIVE_S))
+    expires = datetime.now(timezone.utc) + span
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     return {"name": model.name, "model": model.name, "size": size, "digest": model.digest,
             "details": details(model), "expires_at": expires.isoformat().replace("+00:00", "Z"),
