@@ -166,6 +166,8 @@ def test_a_tool_call_the_model_chooses_is_a_tool_use_block(qwen_tokenizer_dir: P
                                                                             "data": "aGk="}}]}]}, "image"),
     ({"temperature": 1.5}, "temperature"),
     ({"output_config": {"effort": "high"}}, "effort"),
+    ({"stop_sequences": [f"stop {i}" for i in range(17)]}, "stop_sequences: at most 16"),
+    ({"stop_sequences": ["x" * 513]}, "stop_sequences: a stop string of 513 characters"),
 ])
 def test_what_is_not_supported_is_a_400_naming_it(client: anthropic.Anthropic, extra: dict, needle: str) -> None:
     with pytest.raises(anthropic.BadRequestError) as error:

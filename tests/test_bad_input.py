@@ -141,6 +141,8 @@ GENERATE_ROWS: list[tuple[str, Any, dict[str, Any], str]] = [
     ("an unknown role", [{"role": "usr", "content": "hi"}], {}, "has role 'usr'"),
     ("a lone surrogate", "caf\udce9", {}, "not valid UTF-8"),
     ("stop not strings", "hi", {"stop": [1]}, "stop must be"),
+    ("17 stop strings", "hi", {"stop": [str(i) for i in range(17)]}, "at most 16 stop strings, not 17"),
+    ("a stop string of 513 characters", "hi", {"stop": ["x" * 513]}, "a stop string of 513 characters"),
     ("an empty prompt", "", {}, "the prompt is empty"),
 ]
 

@@ -198,6 +198,9 @@ def test_empty_requests_load_and_unload_the_model(client: ollama.Client) -> None
     ({"model": MODEL, "messages": USER, "keep_alive": "soon"}, 400, "keep_alive"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400, "images"),
     ({"model": MODEL, "messages": USER, "options": {"num_ctx": 8}}, 400, "num_ctx"),
+    ({"model": MODEL, "messages": USER, "options": {"stop": [str(i) for i in range(17)]}}, 400,
+     "options.stop: at most 16"),
+    ({"model": MODEL, "messages": USER, "options": {"stop": "x" * 513}}, 400, "of 513 characters"),
 ])
 def test_mistakes_are_ollama_errors(client: ollama.Client, call: dict[str, Any], status: int, needle: str) -> None:
     with pytest.raises(ollama.ResponseError) as error:

@@ -87,6 +87,7 @@ def test_a_named_tool_choice_is_one_call_and_required_allows_several(model: Serv
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": "x" * 513}, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
     # A later sampling field at fault is named, not the first one given.
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.5, "top_p": 0}, "top_p"),

@@ -30,6 +30,10 @@ MAX_NESTING = 64  # levels of nested JSON accepted in schemas and tools (deeper 
 MAX_DRAFT_TOKENS = 16  # on Apple silicon a pass over up to ~16 tokens costs about one pass
 DEFAULT_DRAFT_TOKENS = 4  # benchmarks/bench_speculative.py: the most tokens per pass where drafts are right
 ROLES = ("system", "user", "assistant", "tool")
+# Every generated token is matched against every stop string, on the thread that steps every row of the batch: a
+# request with 150k of them slowed other clients' replies sixteen-fold. OpenAI allows 4 (its route keeps that).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 512
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
 
@@ -170,14 +174,20 @@ def speculation_settings(tokenizer: Tokenizer, draft_model: Any, num_draft_token
 
 
 def check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
-    """Stop strings as a tuple (empty strings dropped: they would stop before the first token)."""
+    """Stop strings as a tuple (empty strings dropped: they would stop before the first token), at most
+    MAX_STOP_STRINGS of at most MAX_STOP_CHARS characters."""
     stops = [stop] if isinstance(stop, str) else stop
     if stops is None:
         return ()
     if isinstance(stops, bytes | dict) or not all(isinstance(s, str) for s in stops):
         raise QwenMLXError(f"stop must be a string or a list of strings, not {stop!r}", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise QwenMLXError(f"at most {MAX_STOP_STRINGS} stop strings, not {len(stops)}", "stop")
     for s in stops:
         check_text("a stop string", s, "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise QwenMLXError(f"a stop string of {len(s)} characters is longer than the {MAX_STOP_CHARS} allowed",
+                               "stop")
     return tuple(s for s in stops if s)
 
 
