@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import llguidance
 import pytest
 
 from qwen_mlx import QwenMLXError, generate, load
-from qwen_mlx.text.grammar import check_grammar, json_schema_grammar, tool_call_grammar
+from qwen_mlx.text.grammar import check_grammar, json_schema_grammar, ll_tokenizer, tool_call_grammar
 
 CONFIG = {"vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
           "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048}
@@ -91,3 +92,26 @@ def test_tool_call_grammar_checks_the_named_function(model: tuple[Any, Any]) -> 
         tool_call_grammar(tokenizer, [tool], "nope")
     check_grammar(tokenizer, 151936, tool_call_grammar(tokenizer, [tool], "lookup"))
     check_grammar(tokenizer, 151936, json_schema_grammar(None))
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_required_call_may_end_after_the_call_and_after_its_newline(model: tuple[Any, Any],
+                                                                        parallel: bool) -> None:
+    """Qwen2.5-Coder-0.5B puts P("\\n") = 0.9996 right after `</tool_call>` and then wants to end: a grammar that
+    allowed only another call after that newline made it call get_weather for city after city to max_tokens."""
+    _, tokenizer = model
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    marker = tokenizer.added_tokens
+    call = [marker["<tool_call>"], *tokenizer.encode('\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'),
+            marker["</tool_call>"]]
+    newline, end = tokenizer.encode("\n"), tokenizer.eos_token_ids[0]
+    matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, 151936),
+                                   tool_call_grammar(tokenizer, [tool], parallel=parallel), log_level=0)
+
+    def accepted(reply: list[int]) -> bool:
+        return matcher.validate_tokens(reply) == len(reply)
+
+    assert accepted(call + [end]) and accepted(call + newline + [end])
+    assert accepted(call + newline + call + [end]) == parallel  # another call only where several are allowed
+    assert not accepted(call + newline + newline)  # one newline, not a way to pad until max_tokens

@@ -85,7 +85,9 @@ def tool_call_grammar(
     {...}}\\n</tool_call>`, the arguments valid against the function's `parameters` schema.
 
     `name` restricts the calls to that function (OpenAI's named `tool_choice`); otherwise any of `tools`.
-    `parallel=False` allows exactly one call.
+    `parallel=False` allows exactly one call. The reply may end after any call, and after the newline that
+    follows one too: Qwen models put that newline after `</tool_call>` with near certainty before they end, and a
+    grammar that let only another call follow it made them call again and again until max_tokens.
     """
     functions = [t["function"] for t in tools if t.get("type") == "function" and "function" in t]
     if name is not None:
@@ -112,7 +114,7 @@ def tool_call_grammar(
         schema = {**schema, "$defs": definitions}
     open_, close = (_marker(tokenizer, m) for m in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE))
     repeat = ' ("\\n" call)*' if parallel else ""
-    lark = f'start: call{repeat}\ncall: {open_} "\\n" %json {json.dumps(schema)} "\\n" {close}\n'
+    lark = f'start: call{repeat} "\\n"?\ncall: {open_} "\\n" %json {json.dumps(schema)} "\\n" {close}\n'
     return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
