@@ -97,7 +97,7 @@ def test_speculative_decoding_flags_print_the_same_reply(folder: Path, flags: li
 @pytest.mark.parametrize(("flags", "message"), [
     (["--num-draft-tokens", "3"], "needs a draft source"),
     (["--prompt-lookup", "0"], "prompt_lookup 0"),
-    (["--prompt-lookup", "3", "--max-kv-size", "64"], "drop --max-kv-size"),
+    (["--prompt-lookup", "3", "--max-kv-size", "64"], "a rotating one (--max-kv-size) cannot be once it wraps"),
     (["--draft-model", "/no/such/draft"], "/no/such/draft"),
 ])
 def test_bad_speculation_flags_are_one_line_errors(folder: Path, flags: list[str], message: str) -> None:

@@ -162,3 +162,35 @@ def test_close_returns_in_bounded_time_whatever_the_thread_is_doing(folder: Path
     assert worker.close(timeout=1) is False
     assert time.monotonic() - started < 3
     stuck.set()
+
+
+def test_a_waiting_job_knows_how_many_wait_before_it(folder: Path) -> None:
+    """The queue position the web UI shows ("N ahead of you") is the worker's own: one queue per model."""
+    from qwen_mlx.engine.setup import slowed
+
+    worker = ModelWorker(lambda: (lambda m, t: (slowed(m, 0.05), t))(*qwen_mlx.load(folder)), max_batch=1)
+    try:
+        jobs = [worker.submit(None, "one two", temperature=0, max_tokens=20) for _ in range(3)]
+        assert jobs[0].started.wait(60)
+        assert [worker.position(j) for j in jobs] == [0, 0, 1] and worker.waiting == 2
+        for job in jobs:
+            drain(job)
+        assert [worker.position(j) for j in jobs] == [0, 0, 0] and worker.waiting == 0
+    finally:
+        worker.close()
+
+
+def test_the_counters_keep_growing_across_an_unload_and_a_reload(folder: Path) -> None:
+    from qwen_mlx.engine.worker import UsageCounters
+
+    counters = UsageCounters()
+    worker = ModelWorker(lambda: qwen_mlx.load(folder), counters=counters)
+    try:
+        drain(worker.submit(None, "one two", temperature=0, max_tokens=5))
+        assert (counters.generated_tokens, counters.decode_passes) == (5, 5)
+        assert worker.unload(60)
+        worker.reload(lambda: qwen_mlx.load(folder))
+        drain(worker.submit(None, "three four", temperature=0, max_tokens=3))
+        assert (counters.generated_tokens, counters.decode_passes) == (8, 8)
+    finally:
+        worker.close()

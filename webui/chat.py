@@ -84,7 +84,6 @@ class ChatApp:
         self.store = store
         self.export_root = export_root or Path(tempfile.gettempdir()) / "qwen-mlx-exports"
         self.replies: dict[str, LiveReply] = {}  # conversation id → its reply being generated or not yet settled
-        self.queue: list[LiveReply] = []  # replies submitted and not yet decoding, oldest first
         # conversation id → (a note for its pages, until when): e.g. "stopped before the reply began"
         self.notices: dict[str, tuple[str, float]] = {}
         # conversation id → (text, attachments) of a message taken back, for its next page's message box
@@ -592,10 +591,9 @@ class ChatApp:
             return
         opens_thinking = info.opens_thinking if info is not None else False
         reply = LiveReply(conversation, message, job, worker, prompt_tokens, dropped, opens_thinking,
-                          lambda: self.ahead_of(reply))
+                          lambda: worker.position(job))
         with self._lock:
             self.replies[conversation.id] = reply
-            self.queue.append(reply)
         try:
             yield self.page(conversation, generating=True)
             saved = time.monotonic()
@@ -660,13 +658,6 @@ class ChatApp:
                 return at if at.get("role") == "user" and len(at["children"]) == 1 else None
             stack += at["children"]
         return None
-
-    def ahead_of(self, reply: LiveReply) -> int:
-        with self._lock:
-            self.queue = [r for r in self.queue if not (r.job.started.is_set() or r.job.done.is_set())]
-            if reply not in self.queue:
-                return 0
-            return self.queue.index(reply)
 
     def own(self, conversation: Conversation | None) -> Conversation:
         """The session's conversation (a new one for a new API client), with its reply in progress left alone, or

@@ -14,7 +14,7 @@ from typing import Any
 from qwen_mlx.engine.registry import keep_alive_seconds
 from qwen_mlx.engine.request import DEFAULT_DRAFT_TOKENS, speculation_settings
 from qwen_mlx.engine.setup import DEFAULT_CACHE_DISK_GB, EngineSettings, start_worker
-from qwen_mlx.engine.speculative import DraftModel
+from qwen_mlx.engine.speculative import DraftModel, check_cache_can_rewind
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.cache import CacheSettings
 from qwen_mlx.model.config import ModelConfig
@@ -112,9 +112,8 @@ def check_speculation_arguments(args: argparse.Namespace) -> None:
     speculation_settings(None, None, args.num_draft_tokens, args.prompt_lookup, None)
     if args.num_draft_tokens is not None and args.draft_model is None and args.prompt_lookup is None:
         raise QwenMLXError("--num-draft-tokens needs a draft source: --draft-model or --prompt-lookup")
-    if (args.draft_model or args.prompt_lookup) and args.max_kv_size is not None:
-        raise QwenMLXError("speculative decoding (--draft-model, --prompt-lookup) needs a KV cache it can rewind; "
-                           "drop --max-kv-size")
+    if args.draft_model or args.prompt_lookup:
+        check_cache_can_rewind(args.max_kv_size is not None, "--max-kv-size")
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 import mlx.nn as nn
 
-from qwen_mlx.engine.speculative import DraftModel, check_draft_tokenizer
+from qwen_mlx.engine.speculative import DraftModel, check_cache_can_rewind, check_draft_tokenizer
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.cache import CacheSettings
 from qwen_mlx.model.generation_config import SamplingParams
@@ -137,9 +137,8 @@ def prepare_request(
     if constraint is not None:
         check_grammar(tokenizer, model.config.vocab_size, constraint)
     speculation = speculation_settings(tokenizer, draft_model, num_draft_tokens, prompt_lookup, prediction)
-    if speculation is not None and cache.rotating:
-        raise QwenMLXError("speculative decoding needs a KV cache it can rewind, and a rotating one (max_kv_size, "
-                           "--max-kv-size) cannot be once it wraps: drop one of the two", "max_kv_size")
+    if speculation is not None:
+        check_cache_can_rewind(cache.rotating)
     return GenerationRequest(
         prompt_ids=prompt_ids, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stops,
         grammar=constraint, logprobs=logprobs, tools=tools or None, prefill_step_size=prefill_step_size, cache=cache,

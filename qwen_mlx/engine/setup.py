@@ -15,7 +15,7 @@ import mlx.nn as nn
 from qwen_mlx.engine.lockstep import Lockstep
 from qwen_mlx.engine.registry import LocalModels, ModelRegistry, ModelSource
 from qwen_mlx.engine.speculative import DraftModel, load_draft
-from qwen_mlx.engine.worker import CacheTiers, ModelWorker, default_ram_bytes
+from qwen_mlx.engine.worker import CacheTiers, ModelWorker, UsageCounters, default_ram_bytes
 from qwen_mlx.files import data_home
 from qwen_mlx.model.cache import CacheSettings
 from qwen_mlx.model.config import ModelConfig
@@ -109,7 +109,8 @@ def report_status(label: str) -> Any:
 
 
 def start_worker(settings: EngineSettings, label: str, parallel: Parallel | None = None,
-                 max_batch: int | None = None, folder: Path | None = None) -> ModelWorker:
+                 max_batch: int | None = None, folder: Path | None = None,
+                 counters: UsageCounters | None = None) -> ModelWorker:
     """The model worker a command runs on: the settings' model loaded on its thread (this rank's part of it with
     `parallel`), its progress on stderr (rank 0's)."""
 
@@ -123,7 +124,7 @@ def start_worker(settings: EngineSettings, label: str, parallel: Parallel | None
                        max_queue=settings.max_queue, tiers=cache_tiers(settings, parallel),
                        options=settings.speculation, load_draft=draft_loader(settings),
                        on_status=report_status(label) if speaks else None,
-                       lockstep=Lockstep(parallel.group) if parallel else None)
+                       lockstep=Lockstep(parallel.group) if parallel else None, counters=counters)
 
 
 def draft_loader(settings: EngineSettings) -> Any:
@@ -147,10 +148,11 @@ def start_registry(settings: EngineSettings,
     With `parallel` it serves that one model only, loaded for the server's life: every rank holds its part.
     """
     pinned = model_source(settings)
+    counters = UsageCounters()  # one set for the server: every model it loads counts into it
 
     def start(source: ModelSource, spare: ModelWorker | None) -> ModelWorker:
         if parallel is not None:
-            return start_worker(settings, source.name, parallel, folder=source.folder)
+            return start_worker(settings, source.name, parallel, folder=source.folder, counters=counters)
 
         def load_source() -> tuple[nn.Module, Tokenizer]:
             model, tokenizer = load_for_context(source.folder, settings) if source.pinned else load(source.folder)
@@ -165,11 +167,11 @@ def start_registry(settings: EngineSettings,
             return spare
         return ModelWorker(load_source, cache=settings.cache, max_batch=settings.max_batch,
                            max_queue=settings.max_queue, options=settings.speculation, load_draft=draft,
-                           on_status=report_status(source.name), tiers=cache_tiers(settings))
+                           on_status=report_status(source.name), tiers=cache_tiers(settings), counters=counters)
 
     registry = ModelRegistry(LocalModels([pinned], only_pinned=parallel is not None), start,
                              max_models=settings.max_models, keep_alive=None if parallel else settings.keep_alive,
-                             resident=parallel is not None)
+                             resident=parallel is not None, counters=counters)
     return registry, pinned
 
 

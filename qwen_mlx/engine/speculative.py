@@ -264,14 +264,20 @@ def check_draft_tokenizer(draft: Tokenizer, target: Tokenizer) -> None:
                            "(e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-7B-Instruct)", "draft_model")
 
 
+def check_cache_can_rewind(rotating: bool, flag: str = "max_kv_size") -> None:
+    """Speculation rewinds the cache past the drafts it rejects; a rotating cache cannot be once it wraps (the
+    positions it overwrote are gone). The one place this rule lives: requests, flags and sequences ask it."""
+    if rotating:
+        raise QwenMLXError(f"speculative decoding needs a KV cache it can rewind, and a rotating one ({flag}) cannot "
+                           "be once it wraps: drop one of the two", "max_kv_size")
+
+
 def make_speculation(settings: Any, cache: PromptCache, sampling: SamplingParams, seed: int | None,
                      vocab_size: int, prefill_step_size: int, timed: bool = True) -> Speculation:
     """A sequence's Speculation from its request's `SpeculationSettings`; a draft model keeps its own cache as
     `cache.draft`, so the next turn of the conversation reuses the draft's prefix too. With `timed` False the
     draft lengths never depend on timings."""
-    if any(isinstance(c, RotatingKVCache) for c in cache.caches):
-        raise QwenMLXError("speculative decoding needs a KV cache it can rewind, and a rotating one (max_kv_size, "
-                           "--max-kv-size) cannot be once it wraps: drop one of the two", "max_kv_size")
+    check_cache_can_rewind(any(isinstance(c, RotatingKVCache) for c in cache.caches))
     k = settings.num_draft_tokens
     sources: list[DraftSource] = []
     if settings.prediction:

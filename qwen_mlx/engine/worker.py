@@ -57,6 +57,15 @@ RATE_WINDOW_S = 10.0  # aggregate tokens/s is measured over this many recent sec
 Loader = Callable[[], tuple[nn.Module, Tokenizer]]
 
 
+@dataclass
+class UsageCounters:
+    """The totals a server reports (GET /health): one set per server, shared by every worker its registry starts,
+    so they keep growing as models unload and load."""
+
+    generated_tokens: int = 0
+    decode_passes: int = 0  # forward passes that produced tokens: one batched pass serves every row decoding
+
+
 class WorkerBusy(QwenMLXError):
     """The queue of waiting requests is full."""
 
@@ -158,6 +167,7 @@ class ModelWorker:
         load_draft: Callable[[Tokenizer], DraftModel] | None = None,
         on_status: Callable[[str], None] | None = None,
         lockstep: Lockstep | None = None,
+        counters: UsageCounters | None = None,
     ):
         self.lockstep = lockstep
         self.lifecycle = Lifecycle()
@@ -171,8 +181,8 @@ class ModelWorker:
         self._load_draft = load_draft
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.waiting = 0  # submitted jobs not yet decoding
-        self.generated_tokens = 0  # over all jobs, for monitoring
+        self._waiting: list[Job] = []  # submitted jobs not yet decoding, in the order they came
+        self.counters = counters or UsageCounters()
         self._token_times: deque[float] = deque()  # when recent tokens were generated (`tokens_per_second`)
         self.model: nn.Module | None = None
         self.tokenizer: Tokenizer | None = None
@@ -215,7 +225,17 @@ class ModelWorker:
     @property
     def idle(self) -> bool:
         """No job decoding, prefilling or waiting (a job counts as waiting from `submit` until it has a row)."""
-        return not self._running and self.waiting == 0
+        return not self._running and not self._waiting
+
+    @property
+    def waiting(self) -> int:
+        """Jobs submitted and not yet decoding."""
+        return len(self._waiting)
+
+    def position(self, job: Job) -> int:
+        """How many jobs wait for a row before `job` (0 once it has one, or never waited)."""
+        with self._lock:
+            return self._waiting.index(job) if job in self._waiting else 0
 
     @property
     def active(self) -> int:
@@ -227,9 +247,12 @@ class ModelWorker:
         return self.prefixes.snapshot() if self.prefixes is not None else CacheStats()
 
     @property
+    def generated_tokens(self) -> int:
+        return self.counters.generated_tokens
+
+    @property
     def decode_passes(self) -> int:
-        """Forward passes that produced tokens so far: one batched pass serves every row decoding."""
-        return self._decoder.passes if self._decoder is not None else 0
+        return self.counters.decode_passes
 
     def tokens_per_second(self) -> float:
         """Tokens generated per second over all jobs, in the last `RATE_WINDOW_S` seconds."""
@@ -262,10 +285,11 @@ class ModelWorker:
         if self.lifecycle.is_in(Phase.DRAINING, Phase.UNLOADED):
             raise WorkerBusy("the model was unloaded; send the request again to load it")
         with self._lock:
-            if self.max_queue is not None and self.waiting >= self.max_queue:
-                raise WorkerBusy(f"the server is busy: {self.waiting} requests are already waiting; retry shortly")
-            self.waiting += 1
-        job = Job(session, request, notify=notify)
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+                raise WorkerBusy(f"the server is busy: {len(self._waiting)} requests are already waiting; retry "
+                                 "shortly")
+            job = Job(session, request, notify=notify)
+            self._waiting.append(job)
         self._inbox.put(job)
         return job
 
@@ -338,7 +362,6 @@ class ModelWorker:
         self._on_status = on_status or self._on_status
         self.options = {k: v for k, v in (options or {}).items() if v is not None}
         self.load_error = None
-        self.generated_tokens = 0
         self._token_times.clear()
         self.lifecycle.move(Phase.LOADING)  # wakes the parked thread
 
@@ -436,9 +459,10 @@ class ModelWorker:
             if uid in self._by_uid:
                 self._by_uid[uid].cancel.set()
         for start in plan.start:
-            self._start(decoder, self._job_for(start), uid=start.uid)
+            job = self._job_for(start)
+            self._start(decoder, job, uid=start.uid)
             if self.lockstep.leads:
-                self._left_queue()
+                self._left_queue(job)
         if plan.exit:
             self.lifecycle.move(Phase.FINISHED)
 
@@ -510,11 +534,11 @@ class ModelWorker:
     def _admit(self, decoder: Decoder | None) -> None:
         for job in self._admissions():
             self._start(decoder, job)
-            self._left_queue()
+            self._left_queue(job)
 
-    def _left_queue(self) -> None:
+    def _left_queue(self, job: Job) -> None:
         with self._lock:  # only once it has a row: `idle` must not read true between the queue and the row
-            self.waiting -= 1
+            self._waiting.remove(job)
 
     def _admissions(self) -> list[Job]:
         """The queued jobs to start while rows are free (those cancelled meanwhile end here); a job whose
@@ -528,10 +552,10 @@ class ModelWorker:
                 continue
             if self.load_error is not None:
                 self._end(job, self.load_error)
-                self._left_queue()
+                self._left_queue(job)
             elif job.cancelled.is_set() or self.lifecycle.is_in(Phase.CLOSING, Phase.DRAINING):  # ended while queued
                 self._end(job, GenerationChunk("", None, "cancelled"))
-                self._left_queue()
+                self._left_queue(job)
             else:
                 starting.append(job)
                 if job.session is not None:
@@ -571,7 +595,10 @@ class ModelWorker:
 
     def _step(self, decoder: Decoder) -> None:
         replies = {s: r.reply for s, r in self._running.items()}
+        passes = decoder.passes
         for reply, chunk in text_chunks(decoder, replies):
+            self.counters.decode_passes += decoder.passes - passes
+            passes = decoder.passes
             running = self._running[reply.sequence]
             if chunk.finish_reason == "error":
                 error = reply.sequence.error
@@ -581,12 +608,13 @@ class ModelWorker:
                 self._stop(running, error=error)
                 continue
             if chunk.token is not None:
-                self.generated_tokens += 1
+                self.counters.generated_tokens += 1
                 with self._lock:
                     self._token_times.append(time.monotonic())
             running.job.put(chunk)
             if chunk.finish_reason is not None:
                 self._stop(running)
+        self.counters.decode_passes += decoder.passes - passes
 
     def _stop(self, running: Running, error: BaseException | None = None) -> None:
         del self._running[running.sequence]

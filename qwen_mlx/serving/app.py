@@ -78,6 +78,21 @@ def anthropic_error_response(error: APIError) -> JSONResponse:
     return JSONResponse(anthropic_api.error_body(error.status, error.message), status_code=error.status)
 
 
+def error_response_for(path: str, error: APIError) -> JSONResponse:
+    """An error outside the routes' handlers (a refusal of the guard's, no such route or method) in the shape of
+    the API `path` belongs to, which is what its clients read: Ollama's under /api/, Anthropic's under
+    /v1/messages, else OpenAI's."""
+    if path.startswith("/api/"):
+        return ollama_error_response(error)
+    if path.startswith("/v1/messages"):
+        return anthropic_error_response(error)
+    return error_response(error)
+
+
+def guard_error_body(path: str, status: int, message: str, code: str) -> dict[str, Any]:
+    return json.loads(error_response_for(path, APIError(status, message, code=code)).body)
+
+
 def api_error(e: Exception) -> APIError:
     """Any failure of a request as the error to answer: a user mistake 400, an unknown model 404, a full queue 503,
     a bug 500 (logged)."""
@@ -224,8 +239,8 @@ class Endpoints:
             "status": "ok", "model": self.settings.model_id, "busy": any(w.busy for w in workers),
             "active": sum(w.active for w in workers), "waiting": sum(w.waiting for w in workers),
             "max_batch": self.settings.max_batch, "requests": self.requests,
-            "generated_tokens": self.registry.retired_tokens + sum(w.generated_tokens for w in workers),
-            "decode_passes": self.registry.retired_passes + sum(w.decode_passes for w in workers),
+            "generated_tokens": self.registry.counters.generated_tokens,
+            "decode_passes": self.registry.counters.decode_passes,
             "tokens_per_second": round(sum(w.tokens_per_second() for w in workers), 2),
             "prefix_cache": asdict(total_cache_stats(workers)),
             "max_models": self.registry.max_models,
@@ -398,12 +413,13 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> Starlette:
             return ollama_error_response(APIError(404, f"qwen-mlx has no route {request.method} {path}; its Ollama "
                                                        "API has /api/chat, /api/generate, /api/tags, /api/show, "
                                                        "/api/ps, /api/pull, /api/delete, /api/version"))
-        return error_response(APIError(404, f"no route {request.method} {path}; see /v1/models, "
-                                            "/v1/chat/completions, /v1/completions, /v1/messages, /api/tags, /health"))
+        return error_response_for(path, APIError(404, f"no route {request.method} {path}; see /v1/models, "
+                                                      "/v1/chat/completions, /v1/completions, /v1/messages, "
+                                                      "/api/tags, /health"))
 
     async def wrong_method(request: HTTPRequest, exc: Exception) -> Response:
-        error = APIError(405, f"{request.method} is not allowed on {request.url.path}")
-        return ollama_error_response(error) if request.url.path.startswith("/api/") else error_response(error)
+        return error_response_for(request.url.path,
+                                  APIError(405, f"{request.method} is not allowed on {request.url.path}"))
 
     app = Starlette(routes=Endpoints(registry, settings).routes(),
                     exception_handlers={404: not_found, 405: wrong_method})
@@ -411,7 +427,7 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> Starlette:
         app.add_middleware(CORSMiddleware, allow_origins=sorted(settings.guard.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["authorization", "content-type", "x-api-key", "anthropic-version"])
-    app.add_middleware(RequestGuard, settings=settings.guard)  # added last: it runs first
+    app.add_middleware(RequestGuard, settings=settings.guard, error_body=guard_error_body)  # added last: runs first
     return app
 
 
@@ -504,32 +520,19 @@ async def next_chunk(job: Job, wake: asyncio.Event) -> GenerationChunk:
         await wake.wait()
 
 
-def check_finished(chunk: GenerationChunk, reply: ResponseBuilder) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    if chunk.finish_reason == "cancelled":  # only the server shutting down cancels a connected client's job
-        raise APIError(503, "the server is shutting down", kind="server_error")
-    return reply.finish(chunk)
-
-
 async def stream(job: Job, wake: asyncio.Event, reply: ResponseBuilder) -> AsyncIterator[str]:
-    """Server-sent events: one `data:` line per chunk payload, `data: [DONE]` at the end. When the client goes,
-    Starlette cancels this generator, and `finally` cancels the job."""
+    """Server-sent events: one `data:` line per chunk payload, `data: [DONE]` at the end (an error mid-stream is
+    a last payload in OpenAI's shape). When the client goes, Starlette cancels this generator, and `finally`
+    cancels the job."""
     try:
-        while True:
-            try:
-                chunk = await next_chunk(job, wake)
-                payloads = check_finished(chunk, reply)[0] if chunk.finish_reason is not None else reply.add(chunk)
-            except APIError as e:
-                payloads, chunk = [e.body()], None
-            except QwenMLXError as e:
-                payloads, chunk = [APIError(400, str(e), e.field).body()], None
-            except Exception as e:
-                log.exception("generation failed")
-                payloads, chunk = [APIError(500, f"generation failed: {e}", kind="server_error").body()], None
-            for payload in payloads:
-                yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-            if chunk is None or chunk.finish_reason is not None:
-                yield "data: [DONE]\n\n"
-                return
+        try:
+            async for chunk in job_chunks(job, wake):
+                payloads = reply.finish(chunk)[0] if chunk.finish_reason is not None else reply.add(chunk)
+                for payload in payloads:
+                    yield f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+        except Exception as e:  # what ended the reply, as its last payload (a bug is logged by api_error)
+            yield f"data: {json.dumps(api_error(e).body(), ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
     finally:
         job.cancel()
 
