@@ -68,6 +68,43 @@ def test_requests_a_web_page_could_make_are_refused(server: str, headers: dict[s
     assert health(server)["requests"] == before["requests"]
 
 
+def error_message(path: str, status: int, body: Any) -> str:
+    """The message of an error answered on `path`, checked to be in that API's own shape."""
+    if path.startswith("/api/"):  # Ollama's
+        assert list(body) == ["error"] and isinstance(body["error"], str)
+        return body["error"]
+    if path.startswith("/v1/messages"):  # Anthropic's
+        kind = {403: "permission_error", 413: "request_too_large"}.get(status, "invalid_request_error")
+        assert body["type"] == "error" and body["error"]["type"] == kind and list(body["error"]) == ["type", "message"]
+        return body["error"]["message"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}  # OpenAI's
+    return body["error"]["message"]
+
+
+def over_a_megabyte() -> Iterator[bytes]:
+    yield b'{"model": "' + MODEL_ID.encode() + b'", "messages": "'
+    yield b"x" * 1_100_000
+    yield b'"}'
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/messages", "/v1/chat/completions"])
+def test_refusals_are_in_the_shape_of_the_api_asked(server: str, path: str) -> None:
+    """The guard's refusals and a wrong method answer as the route's own API answers its errors, so each API's
+    clients read them."""
+    body = json.dumps({"model": MODEL_ID, "messages": USER, "max_tokens": 2})
+    refusals = [(415, "application/json", {"Content-Type": "text/plain"}, body),
+                (403, "--cors", {"Origin": "https://evil.example"}, body),
+                (400, "--allowed-host", {"Host": "evil.example"}, body),
+                (413, "--max-body-mb", {}, over_a_megabyte())]
+    for status, needle, headers, content in refusals:
+        response = httpx.post(f"{server}{path}", content=content, timeout=30,
+                              headers={"Content-Type": "application/json", **headers})
+        assert response.status_code == status
+        assert needle in error_message(path, status, response.json()), (path, status)
+    wrong = httpx.get(f"{server}{path}", timeout=30)
+    assert wrong.status_code == 405 and "GET" in error_message(path, 405, wrong.json())
+
+
 def test_the_servers_own_names_are_accepted(server: str) -> None:
     port = server.rsplit(":", 1)[1]
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):

@@ -78,19 +78,23 @@ def anthropic_error_response(error: APIError) -> JSONResponse:
     return JSONResponse(anthropic_api.error_body(error.status, error.message), status_code=error.status)
 
 
-def error_response_for(path: str, error: APIError) -> JSONResponse:
+def error_body_for(path: str, error: APIError) -> dict[str, Any]:
     """An error outside the routes' handlers (a refusal of the guard's, no such route or method) in the shape of
     the API `path` belongs to, which is what its clients read: Ollama's under /api/, Anthropic's under
     /v1/messages, else OpenAI's."""
     if path.startswith("/api/"):
-        return ollama_error_response(error)
+        return ollama_api.error_body(error.message)
     if path.startswith("/v1/messages"):
-        return anthropic_error_response(error)
-    return error_response(error)
+        return anthropic_api.error_body(error.status, error.message)
+    return error.body()
+
+
+def error_response_for(path: str, error: APIError) -> JSONResponse:
+    return JSONResponse(error_body_for(path, error), status_code=error.status)
 
 
 def guard_error_body(path: str, status: int, message: str, code: str) -> dict[str, Any]:
-    return json.loads(error_response_for(path, APIError(status, message, code=code)).body)
+    return error_body_for(path, APIError(status, message, code=code))
 
 
 def api_error(e: Exception) -> APIError:

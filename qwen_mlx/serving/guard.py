@@ -4,7 +4,8 @@ the model nor stall the server: a foreign `Host` (DNS rebinding), a foreign `Ori
 limit (refused before it is read in full).
 
 `RequestGuard` is plain ASGI middleware; Starlette's `CORSMiddleware` inside it answers the preflights and adds
-the headers for the origins `--cors` allows.
+the headers for the origins `--cors` allows. Its refusals take the shape of the API the path belongs to
+(`error_body`, given by the app), so each API's clients can read them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+ErrorBody = Callable[[str, int, str, str], dict[str, Any]]  # (path, status, message, code) -> the JSON answered
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 ALL_INTERFACES = frozenset({"0.0.0.0", "::", ""})
@@ -47,12 +49,17 @@ class GuardSettings:
         return cls(allowed, frozenset(o.rstrip("/") for o in cors or []), int(max_body_mb * 1e6))
 
 
-class RequestGuard:
-    """ASGI middleware applying `GuardSettings` to every HTTP request (errors in OpenAI's JSON shape)."""
+def openai_error_body(path: str, status: int, message: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings):
+
+class RequestGuard:
+    """ASGI middleware applying `GuardSettings` to every HTTP request (errors shaped by `error_body`)."""
+
+    def __init__(self, app: ASGIApp, settings: GuardSettings, error_body: ErrorBody = openai_error_body):
         self.app = app
         self.settings = settings
+        self.error_body = error_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,16 +67,17 @@ class RequestGuard:
             return
         headers = Headers(scope=scope)
         refusal = self.refusal(scope["method"], scope["path"], headers)
-        if refusal is not None:
-            await respond(send, *refusal)
-            return
-        if scope["method"] in BODY_METHODS:
+        if refusal is None and scope["method"] in BODY_METHODS:
             body = await read_body(receive, self.settings.max_body_bytes)
             if body is None:
-                await respond(send, 413, f"the request body is over the server's {self.settings.max_body_bytes} "
-                                         "byte limit; raise it with --max-body-mb", "request_too_large")
-                return
-            receive = replay(body, receive)
+                refusal = 413, (f"the request body is over the server's {self.settings.max_body_bytes} byte limit;"
+                                " raise it with --max-body-mb"), "request_too_large"
+            else:
+                receive = replay(body, receive)
+        if refusal is not None:
+            status, message, code = refusal
+            await respond(send, status, self.error_body(scope["path"], status, message, code))
+            return
         await self.app(scope, receive, send)
 
     def refusal(self, method: str, path: str, headers: Headers) -> tuple[int, str, str] | None:
@@ -139,9 +147,8 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def respond(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
+async def respond(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
