@@ -1,8 +1,12 @@
-"""`parse_tool_calls`: Qwen2.5's `<tool_call>{json}</tool_call>` blocks become calls; bad blocks become errors."""
+"""`parse_tool_calls`: Qwen2.5's `<tool_call>{json}</tool_call>` blocks become calls; bad blocks become errors. A
+reply that is only a call written as JSON, bare or fenced, naming a given tool, is a call too."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import pytest
 
 from qwen_mlx.text.tool_calls import ToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
 
@@ -126,3 +130,102 @@ def test_streamed_malformed_call_is_released_as_text() -> None:
     for step in (1, 7):
         content, calls, errors = _stream(bad, step)
         assert "".join(content) == bad and calls == [] and len(errors) == 1
+
+
+# Calls as small Qwen2.5 (Coder) models write them when they do not use the markup: the whole reply is JSON.
+TOOLS = ("get_weather", "get_time")
+WEATHER = {"name": "get_weather", "arguments": {"city": "Paris"}}
+JSON_CALLS = {
+    "bare": json.dumps(WEATHER),
+    "fenced as json": f"```json\n{json.dumps(WEATHER)}\n```",
+    "fenced, pretty, whitespace around": f"\n  ```\n{json.dumps(WEATHER, indent=2)}\n```\n\n",
+    "arguments as a JSON string": json.dumps({"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}),
+    "parameters instead of arguments": json.dumps({"name": "get_weather", "parameters": {"city": "Paris"}}),
+    "arguments first": json.dumps({"arguments": {"city": "Paris"}, "name": "get_weather"}),
+    "a list of one": f"```json\n[{json.dumps(WEATHER)}]\n```",
+}
+NOT_JSON_CALLS = {
+    "no given tool named": json.dumps({"name": "get_stock", "arguments": {"ticker": "X"}}),
+    "text before": f"Here you go: {json.dumps(WEATHER)}",
+    "text after": f"```json\n{json.dumps(WEATHER)}\n```\nThis gets the weather.",
+    "other JSON in a code block": '```json\n{"city": "Paris", "sky": "clear"}\n```',
+    "a name among other keys": json.dumps({"name": "get_weather", "arguments": {}, "reason": "asked"}),
+    "a code block of code": "```python\nget_weather(city='Paris')\n```",
+    "a list of numbers": "[1, 2, 3]",
+    "inline code": "`get_weather` tells the weather.",
+}
+
+
+def _stream_with(text: str, step: int, **options: Any) -> tuple[list[str], list[ToolCall], list[str]]:
+    stream = ToolCallStream(TOOLS, **options)
+    parts = [p for i in range(0, len(text), step) for p in stream.feed(text[i : i + step])] + stream.finish()
+    return [p for p in parts if isinstance(p, str)], [p for p in parts if isinstance(p, ToolCall)], stream.errors
+
+
+@pytest.mark.parametrize("form", sorted(JSON_CALLS))
+def test_a_reply_that_is_only_a_json_call_naming_a_tool_is_a_call(form: str) -> None:
+    assert parse_tool_calls(JSON_CALLS[form], TOOLS) == ToolCallParse(calls=[ToolCall("get_weather",
+                                                                                       {"city": "Paris"})])
+    # Without the tools' names nothing tells a call from a JSON answer: it stays text.
+    assert parse_tool_calls(JSON_CALLS[form]).calls == []
+
+
+def test_a_json_list_of_calls_is_several_calls() -> None:
+    text = json.dumps([WEATHER, {"name": "get_time", "arguments": {"tz": "UTC"}}])
+    assert parse_tool_calls(text, TOOLS).calls == [ToolCall("get_weather", {"city": "Paris"}),
+                                                   ToolCall("get_time", {"tz": "UTC"})]
+
+
+@pytest.mark.parametrize("form", sorted(NOT_JSON_CALLS))
+def test_json_that_is_not_only_a_call_to_a_given_tool_stays_text(form: str) -> None:
+    text = NOT_JSON_CALLS[form]
+    result = parse_tool_calls(text, TOOLS)
+    assert result.calls == [] and result.content == text.strip()
+    for step in (1, 3, len(text)):
+        content, calls, _ = _stream_with(text, step)
+        assert "".join(content) == text and calls == []
+
+
+@pytest.mark.parametrize("form", sorted(JSON_CALLS))
+def test_a_streamed_json_call_never_reaches_content_at_any_split(form: str) -> None:
+    text = JSON_CALLS[form]
+    for step in (1, 2, 3, 5, 11, len(text)):
+        content, calls, errors = _stream_with(text, step)
+        assert content == [] and calls == [ToolCall("get_weather", {"city": "Paris"})] and errors == []
+
+
+def test_text_that_cannot_be_a_json_call_is_released_as_soon_as_that_is_clear() -> None:
+    for text, decided in (('{"city": "Paris"}', '{"c'), ("```python\nx = 1\n", "```p"),
+                          ('{"name": "get_stock"}', '{"name": "get_s'), ("[1, 2]", "[1")):
+        stream = ToolCallStream(TOOLS)
+        shown = [(i, p) for i, char in enumerate(text, 1) for p in stream.feed(char)]
+        assert shown[0] == (len(decided), decided)
+        assert "".join(p for _, p in shown) + "".join(stream.finish()) == text
+
+
+def test_with_parallel_calls_off_a_json_list_counts_only_when_it_holds_one() -> None:
+    one = json.dumps([WEATHER])
+    assert _stream_with(one, 4, parallel=False)[1] == [ToolCall("get_weather", {"city": "Paris"})]
+    two = json.dumps([WEATHER, WEATHER])
+    content, calls, errors = _stream_with(two, 4, parallel=False)
+    assert "".join(content) == two and calls == [] and "only one" in errors[0]
+
+
+def test_a_json_call_cut_off_is_an_error_and_never_content() -> None:
+    text = '```json\n{"name": "get_weather", "arguments": {"city": "Par'
+    for step in (1, len(text)):
+        content, calls, errors = _stream_with(text, step)
+        assert content == [] and calls == [] and "ended inside a tool call" in errors[0]
+
+
+def test_a_json_call_with_bad_arguments_stays_text_with_the_reason() -> None:
+    text = json.dumps({"name": "get_weather", "arguments": [1, 2]})
+    result = parse_tool_calls(text, TOOLS)
+    assert result.calls == [] and result.content == text and "not an object" in result.errors[0]
+
+
+def test_markup_calls_are_read_as_before_when_tools_are_named() -> None:
+    text = "Let me look.\n" + _block(WEATHER) + "\n"
+    for step in (1, 4, len(text)):
+        content, calls, errors = _stream_with(text, step)
+        assert "".join(content) == "Let me look." and calls == [ToolCall("get_weather", {"city": "Paris"})]

@@ -1,9 +1,11 @@
-"""Qwen2.5's `<tool_call>` blocks: parsed from a whole reply, or split out of a reply as it streams."""
+"""Qwen2.5's `<tool_call>` blocks: parsed from a whole reply, or split out of a reply as it streams. Also the call
+small Qwen2.5 (Coder) models often write instead: a reply that is only JSON naming one of the given tools."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,15 +37,44 @@ class ToolCallStream:
     A block that is not a valid call (bad JSON, no name) is released as content, raw, and its reason kept in
     `errors`: the model's words are shown rather than lost. `finish` releases what is left; an unterminated last
     block (the reply was cut off) is a call if its JSON is complete.
+
+    With `tool_names`, a reply that is only a call written as JSON naming one of them is a call too (see
+    `JsonCallReply`); until that is decided the reply is held back, so no part of such a call shows as content.
+    `parallel=False` counts a JSON list as calls only when it holds one (the `<tool_call>` form is cut after its
+    first call by a stop string instead, see `serving/protocol.py`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tool_names: Collection[str] = (), parallel: bool = True) -> None:
         self.pending = ""
         self.inside = False
         self.after_call = False
         self.errors: list[str] = []
+        self.json_call = JsonCallReply(tool_names, parallel) if tool_names else None
 
     def feed(self, text: str) -> list[str | ToolCall]:
+        if self.json_call is not None:
+            if self.json_call.feed(text):
+                return []
+            # It cannot be a JSON call: everything held so far is read for `<tool_call>` blocks instead.
+            text, self.json_call = self.json_call.text, None
+        return self._feed_markup(text)
+
+    def finish(self) -> list[str | ToolCall]:
+        if self.json_call is None:
+            return self._finish_markup()
+        reply, self.json_call = self.json_call, None
+        if reply.cut_off:
+            # As for a `<tool_call>` block cut off: nothing, never part of a call as text.
+            self.errors.append(f"the reply ended inside a tool call: {reply.text.strip()[:200]!r}")
+            return []
+        calls = reply.calls()
+        if isinstance(calls, list):
+            return list(calls)
+        if calls is not None:
+            self.errors.append(calls)
+        return self._feed_markup(reply.text) + self._finish_markup()
+
+    def _feed_markup(self, text: str) -> list[str | ToolCall]:
         self.pending += text
         out: list[str | ToolCall] = []
         while True:
@@ -69,7 +100,7 @@ class ToolCallStream:
             self.pending, self.inside = self.pending[len(block) :], False
             out.append(self._parse(block, block[len(TOOL_CALL_OPEN) : end]))
 
-    def finish(self) -> list[str | ToolCall]:
+    def _finish_markup(self) -> list[str | ToolCall]:
         rest, self.pending = self.pending, ""
         if self.inside:
             self.inside = False
@@ -101,6 +132,11 @@ def _read_call(body: str) -> ToolCall | str:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return f"tool call is not valid JSON ({e.msg} at char {e.pos}): {body[:200]!r}"
+    return _call_in(obj, body)
+
+
+def _call_in(obj: Any, body: str) -> ToolCall | str:
+    """The call a decoded JSON value (`body` as written) makes, or why it is not one."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return f"tool call has no string 'name': {body[:200]!r}"
     arguments = obj.get("arguments", obj.get("parameters", {}))
@@ -114,19 +150,170 @@ def _read_call(body: str) -> ToolCall | str:
     return ToolCall(obj["name"], arguments)
 
 
-def parse_tool_calls(text: str) -> ToolCallParse:
+def parse_tool_calls(text: str, tool_names: Collection[str] = ()) -> ToolCallParse:
     """The calls in a whole Qwen2.5 reply, in order, and the text around them (stripped) as content.
 
     Whitespace around a block's JSON is ignored. A block that is not a valid call stays in the content, raw, and
-    its reason is in `errors`; nothing raises.
+    its reason is in `errors`; nothing raises. With `tool_names`, a reply that is only a call written as JSON
+    (bare or in a ```json fence, see `JsonCallReply`) naming one of them is a call too.
     """
-    stream = ToolCallStream()
+    stream = ToolCallStream(tool_names)
     parts = stream.feed(text) + stream.finish()
     return ToolCallParse(
         calls=[p for p in parts if isinstance(p, ToolCall)],
         content="".join(p for p in parts if isinstance(p, str)).strip(),
         errors=stream.errors,
     )
+
+
+# What may come before a call written as JSON: whitespace, or a Markdown fence (```json or ```) on its own line.
+_JSON_OPENING = re.compile(r"\s*(```[ \t]*(?:json)?[ \t]*\n\s*)?(?=[\[{])", re.IGNORECASE)
+# ... and what may be there while it is still coming.
+_PARTIAL_OPENING = re.compile(r"\s*(`{1,3}|```[ \t]*(?:j(?:s(?:on?)?)?)?[ \t]*(?:\n\s*)?)?", re.IGNORECASE)
+# What may follow the JSON: whitespace; a fence's close, where one opened (a close still coming while streaming).
+_SPACE = re.compile(r"\s*")
+_PARTIAL_FENCE_CLOSE = re.compile(r"\s*(`{1,2}|```\s*)?")
+# A string's start: its characters up to a closing quote or an escape (group 2: which one, if either came).
+_STRING_START = re.compile(r'"([^"\\]*)(["\\]?)')
+_CALL_KEYS = ("name", "arguments", "parameters")
+
+
+class JsonCallReply:
+    """A reply that is nothing but a tool call written as JSON, as small Qwen2.5 (Coder) models often write one
+    instead of `<tool_call>` markup: `{"name": ..., "arguments": {...}}` (or "parameters"; the arguments may be a
+    JSON string holding the object), or a list of such objects, bare or in a ```json / ``` fence, with whitespace
+    around it. It counts only when every call names one of `tool_names`, and only as the whole reply: JSON with
+    prose around it, or naming no given tool, is the model's text (a JSON answer, an example in a code block).
+
+    `feed` takes the reply as it streams and says whether it may still be such a call; it decides as early as the
+    text allows (the first character, the fence's language, the first key, the name), so other text is held only
+    briefly. At the end, `cut_off` says the reply stopped inside what was so far a call, else `calls` decides.
+    """
+
+    def __init__(self, tool_names: Collection[str], parallel: bool = True) -> None:
+        self.names, self.parallel = frozenset(tool_names), parallel
+        self.text = ""  # the whole reply so far (all of it held back)
+        self.start: int | None = None  # where the JSON value starts in `text`, once its first character came
+        self.fenced = False
+        self.head: bool | None = None  # whether the value's head is a call's (None: not known yet)
+        self.end: int | None = None  # just past the value's last character, once it closed
+        self.scanner = JsonValueEnd()
+        self.scanned = 0  # how much of `text` the scanner has read
+
+    def feed(self, text: str) -> bool:
+        """Whether the reply so far may still be a call; False once it cannot, whatever follows."""
+        self.text += text
+        if self.start is None:
+            opening = _JSON_OPENING.match(self.text)
+            if opening is None:
+                return _PARTIAL_OPENING.fullmatch(self.text) is not None
+            self.start = self.scanned = opening.end()
+            self.fenced = opening.group(1) is not None
+        if self.head is None:
+            self.head = _call_head(self.text[self.start :], self.names)
+            if self.head is not True:
+                return self.head is None
+        if self.end is None:
+            end = self.scanner.scan(self.text[self.scanned :])
+            if end is None:
+                self.scanned = len(self.text)
+                return True
+            self.end = self.scanned + end
+        return (_PARTIAL_FENCE_CLOSE if self.fenced else _SPACE).fullmatch(self.text[self.end :]) is not None
+
+    @property
+    def cut_off(self) -> bool:
+        """The reply ended inside JSON that was a call as far as it came (max_tokens, a stop string)."""
+        return self.start is not None and self.end is None
+
+    def calls(self) -> list[ToolCall] | str | None:
+        """At the reply's end: the calls it makes; else why JSON that began as a call makes none (None: no JSON
+        came). A fence not closed yet when the reply was cut off does not matter: the JSON is whole."""
+        if self.start is None or self.end is None:
+            return None
+        return _read_json_calls(self.text[self.start : self.end], self.names, self.parallel)
+
+
+def _call_head(value: str, names: frozenset[str]) -> bool | None:
+    """Whether JSON that starts with `value` may be a call to one of `names`: False once it cannot, True once its
+    head is a call's (its first key is "name" with a given tool's name, or the arguments, whose name comes later),
+    None while too little of it has come to tell."""
+    rest = value[1:].lstrip() if value.startswith("[") else value
+    if not rest.startswith("{"):
+        return None if not rest else False
+    rest = rest[1:].lstrip()
+    key = _STRING_START.match(rest)
+    if key is None:
+        return None if not rest else False
+    if not key[2]:
+        return None if any(k.startswith(key[1]) for k in _CALL_KEYS) else False
+    if key[2] == "\\" or key[1] not in _CALL_KEYS:
+        return False
+    rest = rest[key.end() :].lstrip()
+    if not rest.startswith(":"):
+        return None if not rest else False
+    if key[1] != "name":
+        return True
+    rest = rest[1:].lstrip()
+    name = _STRING_START.match(rest)
+    if name is None:
+        return None if not rest else False
+    if name[2] == "\\":  # an escape in the name: the whole value decides
+        return True
+    if name[2]:
+        return name[1] in names
+    return None if any(n.startswith(name[1]) for n in names) else False
+
+
+def _read_json_calls(text: str, names: frozenset[str], parallel: bool) -> list[ToolCall] | str:
+    """The calls a reply's whole JSON value makes (one object, or a list of them), or why it makes none."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"tool call is not valid JSON ({e.msg} at char {e.pos}): {text[:200]!r}"
+    items = value if isinstance(value, list) else [value]
+    if len(items) > 1 and not parallel:
+        return f"{len(items)} tool calls in a list where only one is allowed: {text[:200]!r}"
+    calls = []
+    for item in items:
+        # Exactly a call's keys: JSON data that happens to hold a "name" is not a call.
+        if not isinstance(item, dict) or set(item) not in ({"name", "arguments"}, {"name", "parameters"}):
+            return f'a tool call is {{"name": ..., "arguments": {{...}}}}, not {json.dumps(item)[:200]!r}'
+        call = _call_in(item, text)
+        if isinstance(call, str):
+            return call
+        if call.name not in names:
+            return f"tool call names {call.name!r}, which is not one of the tools"
+        calls.append(call)
+    return calls
+
+
+class JsonValueEnd:
+    """Where a JSON object or array closes, in text that arrives in pieces: brackets are counted outside strings,
+    escapes followed."""
+
+    def __init__(self) -> None:
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def scan(self, text: str) -> int | None:
+        """The index just past the value's last character in `text`, or None while the value is still open."""
+        for i, char in enumerate(text):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif char == "\\":
+                    self.escaped = True
+                elif char == '"':
+                    self.in_string = False
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
 
 
 @dataclass
@@ -152,7 +339,7 @@ class ToolArgumentsStream:
         self.state = "between"  # between calls / in a call's head / in its arguments / after them
         self.buffer = ""
         self.calls: list[list[str]] = []  # [name, arguments so far] per call
-        self._depth, self._in_string, self._escaped = 0, False, False
+        self._value = JsonValueEnd()
 
     def feed(self, text: str) -> list[CallPiece]:
         self.buffer += text
@@ -182,10 +369,12 @@ class ToolArgumentsStream:
         return CallPiece(len(self.calls) - 1, name=name)
 
     def _arguments(self) -> CallPiece | None:
-        end = self._scan()
-        piece, self.buffer = self.buffer[:end], self.buffer[end:]
-        if end < len(piece) + len(self.buffer) or self._depth == 0:
+        end = self._value.scan(self.buffer)
+        if end is None:
+            end = len(self.buffer)
+        else:
             self.state = "after"
+        piece, self.buffer = self.buffer[:end], self.buffer[end:]
         self.calls[-1][1] += piece
         return CallPiece(len(self.calls) - 1, arguments=piece) if piece else None
 
@@ -195,23 +384,3 @@ class ToolArgumentsStream:
             return None
         self.buffer, self.state = self.buffer[end + len(TOOL_CALL_CLOSE) :], "between"
         return CallPiece(len(self.calls))
-
-    def _scan(self) -> int:
-        """How much of the buffer belongs to the arguments' JSON value (all of it until the value closes)."""
-        for i, char in enumerate(self.buffer):
-            if self._in_string:
-                if self._escaped:
-                    self._escaped = False
-                elif char == "\\":
-                    self._escaped = True
-                elif char == '"':
-                    self._in_string = False
-            elif char == '"':
-                self._in_string = True
-            elif char in "{[":
-                self._depth += 1
-            elif char in "}]":
-                self._depth -= 1
-                if self._depth == 0:
-                    return i + 1
-        return len(self.buffer)
