@@ -1,5 +1,8 @@
 """qwen-mlx: Qwen2 / Qwen2.5 on Apple MLX."""
 
+# First, before anything imports mlx.core: on Linux this loads an optimized BLAS (OpenBLAS) globally, which MLX
+# binds only if it is already there when libmlx loads (qwen_mlx/blas.py says why).
+from qwen_mlx import blas  # noqa: F401 (imported for what loading it does; keep it first)
 from qwen_mlx.engine.generate import (
     GenerationChunk,
     GenerationResult,

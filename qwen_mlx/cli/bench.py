@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qwen_mlx.blas import in_use
 from qwen_mlx.cli.flags import add_context_argument
 from qwen_mlx.engine.benchmark import average, bench, format_trial
 from qwen_mlx.errors import QwenMLXError
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
                                                               args.q_group_size, args.dtype)
         else:
             folder = args.model or DEFAULT_MODEL
+        # On stderr with the progress, so stdout stays mlx_lm.benchmark's lines; the BLAS decides float matmul speed.
+        print(f"BLAS: {in_use().describe()}", file=sys.stderr, flush=True)
         print(f"Loading {folder} ...", file=sys.stderr, flush=True)
         model, tokenizer = load(folder, context_length=args.context)
         trials = bench(model, tokenizer, args.prompt_tokens, args.generation_tokens, args.num_trials,

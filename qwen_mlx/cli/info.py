@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qwen_mlx.blas import in_use
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import read_json
 from qwen_mlx.model.cache import CacheSettings
@@ -94,6 +95,8 @@ def describe(plan: MemoryPlan, budget: Budget, chunk: int, sampling: SamplingPar
         f"context         {c.context_length} positions, {rope}",
         f"sampling        {sampling.describe()} (generation_config.json, as transformers applies it)",
         f"memory here     {gb(budget.nbytes)} ({budget.source})",
+        # Float matmuls (attention, unquantized weights) run on it: the reference BLAS is 30-40x slower than OpenBLAS.
+        f"BLAS            {in_use().describe()}",
         "",
         f"{'KV cache':<22}{'bytes/token':>14}{'largest context that fits':>28}",
     ]
