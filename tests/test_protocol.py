@@ -4,6 +4,7 @@ server generated them as."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,72 @@ def test_a_finished_reply_is_remembered_once_and_never_with_a_tool_call(tokenize
     out = with_call.add(GenerationChunk(call, 1)) + with_call.finish(GenerationChunk("", None, "stop",
                                                                                      GenerationStats()))
     assert [type(p).__name__ for p in out] == ["ToolCall"] and replies.ids_for(call) is None
+
+
+WEATHER_PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = {"openai": [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS}}],
+         "ollama": [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_PARAMETERS}}],
+         "anthropic": [{"name": "get_weather", "input_schema": WEATHER_PARAMETERS}]}
+PARIS = ("get_weather", {"city": "Paris"})
+FENCED_CALL = '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```'
+
+
+def scripted(api: str, served: ServedModel, text: str, step: int,
+             **extra: Any) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """A scripted model reply through `api`'s request parser and reply builder, `step` characters a chunk: the
+    text its stream showed, and the (name, arguments) of the calls in its whole response."""
+    user = [{"role": "user", "content": "What's the weather in Paris?"}]
+    chunks = [GenerationChunk(text[i : i + step], 1) for i in range(0, len(text), step)]
+    last = GenerationChunk("", None, "stop", GenerationStats())
+    body = {"model": "m", "messages": user, "tools": TOOLS[api], **extra}
+    if api == "openai":
+        reply = openai_api.ResponseBuilder(openai_api.parse_chat_request({**body, "max_tokens": 64}, served), served)
+        payloads = [p for c in chunks for p in reply.add(c)]
+        closing, response = reply.finish(last)
+        shown = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads + closing if p["choices"])
+        calls = response["choices"][0]["message"].get("tool_calls", [])
+        return shown, [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    if api == "ollama":
+        ollama = ollama_api.OllamaReply(ollama_api.parse_chat({**body, "stream": True}, served), served)
+        lines = [line for c in chunks for line in ollama.add(c)]
+        closing, whole = ollama.finish(last)
+        shown = "".join(line["message"]["content"] for line in lines + closing)
+        return shown, [(c["function"]["name"], c["function"]["arguments"])
+                       for c in whole["message"].get("tool_calls", [])]
+    anthropic = anthropic_api.AnthropicReply(anthropic_api.parse_messages({**body, "max_tokens": 64}, served),
+                                             served)
+    events = [e for c in chunks for e in anthropic.add(c)]
+    closing, message = anthropic.finish(last)
+    shown = "".join(e["delta"]["text"] for _, e in events + closing if e.get("delta", {}).get("type") == "text_delta")
+    return shown, [(b["name"], b["input"]) for b in message["content"] if b["type"] == "tool_use"]
+
+
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_a_reply_that_is_only_a_fenced_json_call_is_a_tool_call_on_every_api(api: str, tokenizer: Tokenizer) -> None:
+    """Qwen2.5-Coder-0.5B answers "What's the weather in Paris?" with tools this way; no part of it is content."""
+    served = ServedModel("m", FakeModel(), tokenizer)
+    for step in (1, 4, len(FENCED_CALL)):
+        assert scripted(api, served, FENCED_CALL, step) == ("", [PARIS])
+    other = FENCED_CALL.replace("get_weather", "get_stock")  # JSON naming no given tool is the model's text
+    assert scripted(api, served, other, 3) == (other, [])
+
+
+@pytest.mark.parametrize(("api", "off"), [("openai", {"parallel_tool_calls": False}),
+                                          ("anthropic", {"tool_choice": {"type": "auto",
+                                                                         "disable_parallel_tool_use": True}})])
+def test_with_parallel_calls_off_only_a_json_list_of_one_call_is_a_call(api: str, off: dict[str, Any],
+                                                                         tokenizer: Tokenizer) -> None:
+    served = ServedModel("m", FakeModel(), tokenizer)
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert scripted(api, served, f"[{call}]", 5, **off) == ("", [PARIS])
+    assert scripted(api, served, f"[{call}, {call}]", 5, **off) == (f"[{call}, {call}]", [])
+    assert scripted(api, served, f"[{call}, {call}]", 5) == ("", [PARIS, PARIS])
+
+
+@pytest.mark.parametrize(("api", "required"), [("openai", {"tool_choice": "required"}),
+                                               ("anthropic", {"tool_choice": {"type": "any"}})])
+def test_a_required_call_followed_by_the_newline_the_grammar_allows_shows_no_text(api: str, required: dict[str, Any],
+                                                                                 tokenizer: Tokenizer) -> None:
+    served = ServedModel("m", FakeModel(), tokenizer)
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    assert scripted(api, served, text, 3, **required) == ("", [PARIS])

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from qwen_mlx.engine.generate import GenerationChunk, GenerationStats, collect
 from qwen_mlx.text.tool_calls import ToolCall, ToolCallParse, ToolCallStream, parse_tool_calls
 
 
@@ -229,3 +230,11 @@ def test_markup_calls_are_read_as_before_when_tools_are_named() -> None:
     for step in (1, 4, len(text)):
         content, calls, errors = _stream_with(text, step)
         assert "".join(content) == "Let me look." and calls == [ToolCall("get_weather", {"city": "Paris"})]
+
+
+def test_generate_reads_a_json_call_to_one_of_its_tools() -> None:
+    """`qwen_mlx.generate(..., tools=...)` passes the tools' names to the parser (`collect` is its last step)."""
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}} for name in TOOLS]
+    chunks = [GenerationChunk(JSON_CALLS["fenced as json"], 1), GenerationChunk("", None, "stop", GenerationStats())]
+    result = collect(iter(chunks), tools)
+    assert result.tool_calls == [ToolCall("get_weather", {"city": "Paris"})] and result.tool_call_errors == []

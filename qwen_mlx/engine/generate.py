@@ -17,7 +17,7 @@ from qwen_mlx.engine.decode import Sequence as TokenSequence
 from qwen_mlx.engine.request import GenerationRequest, Prompt, check_int, prepare_request
 from qwen_mlx.model.cache import PromptCache
 from qwen_mlx.text.tokenizer import Tokenizer
-from qwen_mlx.text.tool_calls import ToolCall, parse_tool_calls
+from qwen_mlx.text.tool_calls import ToolCall, parse_tool_calls, tool_names
 
 
 @dataclass
@@ -225,7 +225,8 @@ def run_request(model: nn.Module, tokenizer: Tokenizer, request: GenerationReque
 
 
 def collect(chunks: Iterator[GenerationChunk], tools: list[dict[str, Any]] | None) -> GenerationResult:
-    """The whole reply of a chunk stream, with its tool calls parsed when `tools` were given."""
+    """The whole reply of a chunk stream, with its tool calls parsed when `tools` were given (`<tool_call>` blocks,
+    or a reply that is only a JSON call naming one of the tools)."""
     text, tokens = [], []
     for chunk in chunks:
         text.append(chunk.text)
@@ -236,7 +237,7 @@ def collect(chunks: Iterator[GenerationChunk], tools: list[dict[str, Any]] | Non
     reply = "".join(text)
     result = GenerationResult(reply, tokens, finish, stats)
     if tools:
-        parsed = parse_tool_calls(reply)
+        parsed = parse_tool_calls(reply, tool_names(tools))
         result.tool_calls, result.tool_call_errors = parsed.calls, parsed.errors
     return result
 

@@ -26,7 +26,7 @@ from qwen_mlx.serving.protocol import (
     checked_text,
     prepare_chat,
 )
-from qwen_mlx.text.tool_calls import CallPiece
+from qwen_mlx.text.tool_calls import CallPiece, tool_names
 
 # cache_control (here, on text blocks and tools): a prompt-caching hint; every prefix is cached here anyway.
 FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
@@ -50,6 +50,8 @@ class AnthropicRequest:
     stream: bool = False
     parse_tools: bool = False
     forced_tools: bool = False
+    tool_names: tuple[str, ...] = ()  # a reply that is only JSON naming one of these is a call too
+    parallel_tools: bool = True  # not disable_parallel_tool_use
     stop_sequences: tuple[str, ...] = ()
     id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex[:24]}")
 
@@ -81,7 +83,8 @@ def parse_messages(body: Any, served: ServedModel) -> AnthropicRequest:
     if not isinstance(stream, bool):
         raise APIError(400, "stream: must be true or false", "stream")
     return AnthropicRequest(body["model"], generation, stream, parse_tools=choice.mode != "none" and bool(tools),
-                            forced_tools=choice.forced, stop_sequences=tuple(options.get("stop", ())))
+                            forced_tools=choice.forced, tool_names=tool_names(tools), parallel_tools=choice.parallel,
+                            stop_sequences=tuple(options.get("stop", ())))
 
 
 def _check_extras(body: dict[str, Any]) -> None:
@@ -260,7 +263,8 @@ class AnthropicReply:
 
     def __init__(self, request: AnthropicRequest, served: ServedModel):
         self.request = request
-        self.parts = ReplyParts(served, request.parse_tools, request.forced_tools)
+        self.parts = ReplyParts(served, request.parse_tools, request.forced_tools, tool_names=request.tool_names,
+                                parallel=request.parallel_tools)
         self.blocks: list[dict[str, Any]] = []  # the message's content so far; tool_use inputs as JSON text
         self.open: int | None = None  # index of the block being streamed
 

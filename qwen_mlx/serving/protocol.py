@@ -9,6 +9,7 @@ context check, and the library's own checks with their fields renamed to the API
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -203,14 +204,19 @@ class ReplyParts:
     their block closes; a malformed block stays text); and calls the grammar forced (a `CallPiece` with the name,
     then pieces of the arguments). Tool markup never shows as text, not even in part while streaming.
 
+    With `tool_names`, a reply that is only a call written as JSON (bare or fenced) naming one of them is a call
+    too, whole at the end; with `parallel` False a JSON list of calls counts only when it holds one, as the
+    markup's stop after the first call allows only one (see `text/tool_calls.py`).
+
     At the end, a chat reply that made no call is remembered with the ids it was generated as, so the client's
     next turn, which resends it as text, matches the cached prefix (the same for every API).
     """
 
-    def __init__(self, served: ServedModel, parse_tools: bool, forced_tools: bool, chat: bool = True):
+    def __init__(self, served: ServedModel, parse_tools: bool, forced_tools: bool, chat: bool = True,
+                 tool_names: Collection[str] = (), parallel: bool = True):
         self.served, self.chat = served, chat
         self.forced = ToolArgumentsStream() if forced_tools else None
-        self.tools = ToolCallStream() if parse_tools and not forced_tools else None
+        self.tools = ToolCallStream(tool_names, parallel) if parse_tools and not forced_tools else None
         self.tokens: list[int] = []  # the reply's ids
         self.text: list[str] = []
         self.made_call = False

@@ -150,6 +150,13 @@ def _call_in(obj: Any, body: str) -> ToolCall | str:
     return ToolCall(obj["name"], arguments)
 
 
+def tool_names(tools: list[dict[str, Any]] | None) -> tuple[str, ...]:
+    """The names of OpenAI-style function tools (`{"type": "function", "function": {"name": ...}}`): the calls a
+    reply written as bare JSON may make."""
+    functions = (t.get("function") for t in tools or () if isinstance(t, dict))
+    return tuple(f["name"] for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str))
+
+
 def parse_tool_calls(text: str, tool_names: Collection[str] = ()) -> ToolCallParse:
     """The calls in a whole Qwen2.5 reply, in order, and the text around them (stripped) as content.
 
