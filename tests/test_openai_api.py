@@ -53,6 +53,21 @@ def test_openai_messages_render_as_qwen_expects(model: ServedModel) -> None:
     assert '"arguments": {"city": "Paris"}' in text and request.parse_tools
 
 
+def test_a_call_cut_off_by_max_tokens_is_accepted_back_in_the_history(model: ServedModel) -> None:
+    """A call cut by max_tokens has arguments that are no JSON; the OpenAI Agents SDK resends them as they came,
+    and a 400 for them stopped it."""
+    cut = '{"city": "Par'
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": cut}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", **call}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "cut off"}]
+    request = chat(model, messages=messages, tools=[TOOL])
+    expected = [messages[0], {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "cut off"}]
+    assert request.prompt_ids == model.tokenizer.apply_chat_template(expected, tools=[TOOL], tokenize=True)
+    assert f'"arguments": {json.dumps(cut)}' in model.tokenizer.decode(request.prompt_ids)  # as that string
+
+
 def test_tool_choice_none_leaves_tools_out_of_the_prompt(model: ServedModel) -> None:
     messages = [{"role": "user", "content": "hi"}]
     request = chat(model, messages=messages, tools=[TOOL], tool_choice="none")

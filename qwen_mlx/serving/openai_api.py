@@ -240,7 +240,10 @@ def _tool_call_in(call: Any, i: int) -> dict[str, Any]:
         try:
             arguments = json.loads(arguments or "{}")
         except json.JSONDecodeError:
-            raise APIError(400, f"messages[{i}].tool_calls: arguments must be a JSON string", "messages") from None
+            # A call cut off by max_tokens (finish_reason "length") comes back as far as it came, which is no JSON:
+            # agents (the OpenAI Agents SDK) resend it, so it goes to the template as the string it is.
+            text = checked_text("messages", arguments, f"messages[{i}].tool_calls arguments")
+            return {"type": "function", "function": {"name": function["name"], "arguments": text}}
     if not isinstance(arguments, dict):
         raise APIError(400, f"messages[{i}].tool_calls: arguments must be a JSON object", "messages")
     return {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
