@@ -411,7 +411,7 @@ def test_quantized_cache_reuses_prefixes_and_survives_save_and_load(ours: Loaded
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"kv_bits": 3}, "kv_bits 3"), ({"kv_bits": 8, "max_kv_size": 64}, "not both"),
-     ({"kv_bits": 8, "kv_group_size": 64}, "does not divide the head size 32")],
+     ({"kv_bits": 8, "kv_group_size": 64}, "head size 32 is not a multiple of the 64-value groups")],
 )
 def test_bad_quantized_cache_settings_are_user_errors(ours: Loaded, kwargs: dict, message: str) -> None:
     model, tokenizer = ours

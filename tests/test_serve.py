@@ -422,6 +422,8 @@ def test_flood_beyond_the_queue_gets_503_and_nothing_breaks(slow_server: str) ->
     (["--max-kv-size", "64", "--kv-bits", "8"], "not both"),
     (["--api-key", " "], "--api-key"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    # The tiny model's heads are 16 values wide: no 64-value group of the quantized cache fits.
+    (["--kv-bits", "8"], "--kv-bits 8 (kv_bits=8) cannot store this model's KV cache: its head size 16"),
 ])
 def test_bad_options_are_one_line_errors(args: list[str], needle: str, model_dir: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:

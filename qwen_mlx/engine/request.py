@@ -122,6 +122,7 @@ def prepare_request(
     check_int("prefill_step_size", prefill_step_size, 1)
     stops = check_stop(stop)
     cache = CacheSettings(max_kv_size, keep, kv_bits, kv_group_size)
+    cache.check_head_size(model.config.head_dim)
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise QwenMLXError("tools must be a list of {'type': 'function', 'function': {...}} objects", "tools")
     for name, value in (("tools", tools), ("json_schema", json_schema), ("response_format", response_format)):

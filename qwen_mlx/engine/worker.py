@@ -382,7 +382,9 @@ class ModelWorker:
         under lockstep, until rank 0 is done)."""
         self._on_status("loading the model")
         try:
-            self.model, self.tokenizer = self._load()
+            model, tokenizer = self._load()
+            self.cache_settings.check_head_size(model.config.head_dim)  # else every request would fail
+            self.model, self.tokenizer = model, tokenizer
             if self._load_draft is not None:
                 self._on_status("loading the draft model")
                 self.options["draft_model"] = self._load_draft(self.tokenizer)

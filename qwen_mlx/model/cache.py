@@ -368,6 +368,14 @@ class CacheSettings:
     def rotating(self) -> bool:
         return self.max_kv_size is not None
 
+    def check_head_size(self, head_dim: int) -> None:
+        """Refuse, before any request, a quantized cache that cannot hold a model of `head_dim` values a head:
+        `mx.quantize` packs each head's values in `kv_group_size` groups, so every step would fail."""
+        if self.kv_bits is not None and head_dim % self.kv_group_size:
+            raise QwenMLXError(f"--kv-bits {self.kv_bits} (kv_bits={self.kv_bits}) cannot store this model's KV cache: "
+                               f"its head size {head_dim} is not a multiple of the {self.kv_group_size}-value groups "
+                               "it quantizes (kv_group_size); leave --kv-bits out for this model", "kv_bits")
+
     def layer_cache(self) -> BaseCache:
         if self.kv_bits is not None:
             return QuantizedKVCache(self.kv_group_size, self.kv_bits)
