@@ -195,6 +195,42 @@ def test_models_under_qwen_mlx_home_are_listed_run_by_name_and_removed_only_ther
     assert all(f.exists() for f in source.iterdir())
 
 
+def copy_model(source: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for file in source.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
+def test_a_folder_named_like_an_alias_is_that_name_for_every_command(
+        source: Path, tiny_model_dir: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One resolution order everywhere (the README's models section): a folder under $QWEN_MLX_HOME/models named
+    `qwen2.5:0.5b` is what run, serve and rm take for that name, not the cached repo the alias stands for; the repo
+    is still there by its id."""
+    from qwen_mlx.engine.setup import EngineSettings, model_source
+    from qwen_mlx.store.load import resolve_model_path
+
+    mine = copy_model(tiny_model_dir("home-tiny", max_position_embeddings=256), tmp_path / "home" / "models" / ALIAS)
+    repo = tmp_path / "hub" / f"models--{REPO.replace('/', '--')}"
+    snapshot = copy_model(source, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("QWEN_MLX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    assert resolve_model_path(ALIAS) == mine  # run, load()
+    assert catalog.find_local(ALIAS).folder == mine  # a server's requests, rm
+    served = model_source(EngineSettings(model=ALIAS))  # serve --model
+    assert served.folder == mine and REPO not in served.aliases
+    assert catalog.find_local(REPO).folder == snapshot
+    assert cli.main(["rm", "-y", ALIAS]) == 0
+    capsys.readouterr()
+    assert [m.name for m in catalog.local_models()] == [REPO]
+    assert resolve_model_path(ALIAS) == snapshot  # with the folder gone, the alias is the repo's again
+
+
 def test_list_spells_out_what_a_terminal_would_act_on(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """A folder name or config value with escape sequences (retitle the window, clear the screen, recolour) or a

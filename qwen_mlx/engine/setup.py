@@ -20,7 +20,7 @@ from qwen_mlx.files import data_home
 from qwen_mlx.model.cache import CacheSettings
 from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.model.parallel import Parallel
-from qwen_mlx.store.catalog import record_use, repo_id_for
+from qwen_mlx.store.catalog import models_home, record_use, repo_id_for
 from qwen_mlx.store.load import DEFAULT_MODEL, load, resolve_model_path
 from qwen_mlx.store.memory import check_context_fits, plan_for_folder, split_plan
 from qwen_mlx.store.names import aliases_of
@@ -88,7 +88,10 @@ def model_source(settings: EngineSettings) -> ModelSource:
         return ModelSource(DEMO_NAME, demo_model_folder(data_home() / "models"), ("demo",), pinned=True)
     folder = resolve_model_path(settings.model)
     name = served_model_name(settings)
-    repo_id = repo_id_for(settings.model) if not Path(settings.model).expanduser().exists() else None
+    # The repo's names only when the repo is what the name resolved to: a folder of that name (a path, or one
+    # under $QWEN_MLX_HOME/models) is not the repo, and a request for the repo must not get it.
+    from_repo = not Path(settings.model).expanduser().exists() and folder.parent != models_home()
+    repo_id = repo_id_for(settings.model) if from_repo else None
     aliases = {settings.model, *([repo_id, *aliases_of(repo_id)] if repo_id else [])} - {name}
     return ModelSource(name, folder, tuple(sorted(aliases)), pinned=True)
 

@@ -163,8 +163,15 @@ def describe_folder(name: str, folder: Path) -> LocalModel:
 
 
 def find_local(name: str) -> LocalModel | None:
-    """The local model `name` calls: a repo id or alias in the cache, or a folder name under $QWEN_MLX_HOME/models."""
-    return next((m for m in local_models() if m.matches(name)), None)
+    """The local model `name` calls, in the one order every command and API follows (the README's models
+    section): a folder under $QWEN_MLX_HOME/models by that name, then a repo in the Hugging Face cache by its id or
+    alias. The folder comes first because its name is the user's own choice, even one that reads like an alias."""
+    return find_home(name) or next((m for m in cached_models() if m.matches(name)), None)
+
+
+def find_home(name: str) -> LocalModel | None:
+    """The folder under $QWEN_MLX_HOME/models that `name` calls (Ollama's ":latest" tag allowed)."""
+    return next((m for m in home_models() if m.matches(name)), None)
 
 
 def repo_id_for(name: str) -> str | None:

@@ -14,7 +14,7 @@ from qwen_mlx.model.cpu import prepare_for_cpu
 from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.model.parallel import Parallel, check_shardable, shard_model, start_group, weight_part
 from qwen_mlx.model.qwen2 import Qwen2
-from qwen_mlx.store.catalog import home_models, models_home, record_use, repo_id_for, runnable_config
+from qwen_mlx.store.catalog import find_home, home_models, record_use, repo_id_for
 from qwen_mlx.store.hub import download
 from qwen_mlx.store.memory import check_model_fits, plan_for_folder, split_plan
 from qwen_mlx.store.names import unknown_name
@@ -26,8 +26,9 @@ DEFAULT_MODEL = "mlx-community/Qwen2.5-7B-Instruct-4bit"
 
 
 def resolve_model_path(path_or_repo: str | os.PathLike[str]) -> Path:
-    """A local folder as is; a model folder under $QWEN_MLX_HOME/models by its name; an alias (`qwen2.5:7b`) or a
-    Hugging Face repo id from the local cache, downloaded into it first when it is not there."""
+    """A local folder as is; then in `catalog.find_local`'s order, a model folder under $QWEN_MLX_HOME/models by
+    its name, an alias (`qwen2.5:7b`) or a Hugging Face repo id from the local cache, downloaded into it first when
+    it is not there."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -36,10 +37,10 @@ def resolve_model_path(path_or_repo: str | os.PathLike[str]) -> Path:
     name = str(path_or_repo)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
         raise QwenMLXError(f"{name}: no such folder, and not a Hugging Face repo id like 'Qwen/Qwen2.5-7B-Instruct'")
-    home = models_home() / name
-    if "/" not in name and runnable_config(home) is not None:
-        record_use(name)
-        return home
+    mine = find_home(name)
+    if mine is not None:
+        record_use(mine.name)
+        return mine.folder
     repo_id = repo_id_for(name)
     if repo_id is None:
         raise unknown_name(name, [m.name for m in home_models()])
