@@ -48,8 +48,9 @@ def server(folders: dict[str, Path], hub: FakeHub, tmp_path_factory: pytest.Temp
         (root / "home" / "models" / name).symlink_to(folder, target_is_directory=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # Each step sleeps 20 ms, so that a long reply keeps its model busy for seconds (a few tokens cost nothing).
     env = {"QWEN_MLX_HOME": str(root / "home"), "HF_HOME": str(root / "hf"), "HF_ENDPOINT": hub.url,  # type: ignore
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "QWEN_MLX_TOKEN_DELAY": "0.02"}
     process = start_server(["serve", "--model", "tiny-a", "--port", str(port), "--max-models", "1",
                             "--keep-alive", "-1"], f"{url}/health", root / "serve.log", env=env)
     yield url
@@ -140,3 +141,16 @@ def test_pull_then_chat_then_delete_through_the_ollama_api(server: str, hub: Fak
     with pytest.raises(ollama.ResponseError) as gone:
         client.delete(ALIAS)
     assert gone.value.status_code == 404
+
+
+def test_a_refused_delete_changes_nothing(server: str) -> None:
+    """A delete refused because the model is answering (409) neither removes it nor unloads it afterwards."""
+    client = ollama.Client(host=server, timeout=120)
+    reply = client.generate(model="tiny-a", prompt=PROMPT, stream=True, options={"num_predict": 150})
+    next(reply)  # it is generating (150 steps of 20 ms at least)
+    with pytest.raises(ollama.ResponseError) as busy:
+        client.delete("tiny-a")
+    assert busy.value.status_code == 409
+    assert [part for part in reply][-1].done
+    time.sleep(1)  # the keep-alive is checked every 0.25 s: this server's is "for ever"
+    assert loaded(server) == ["tiny-a"] and "tiny-a" in [m.model for m in client.list().models]

@@ -191,8 +191,9 @@ class ModelRegistry:
         with self._cond:
             return next((e for e in self._loaded.values() if e.source.answers_to(name)), None)
 
-    def unload(self, name: str) -> bool:
-        """Unload the model `name` calls now if it is idle, else as soon as it is; False if it is not loaded."""
+    def unload(self, name: str, *, if_idle: bool = False) -> bool:
+        """Unload the model `name` calls now if it is idle, else as soon as it is (with `if_idle`, a busy one is
+        left as it was: a delete refused as busy must change nothing); False if it is not loaded."""
         entry = self.find_loaded(name)
         if entry is None:
             return False
@@ -200,10 +201,11 @@ class ModelRegistry:
             raise QwenMLXError(f"model {name!r} stays loaded: it is split over processes (--parallel), each holding "
                                "its part, for as long as the server runs")
         with self._cond:
-            entry.keep_alive = 0.0
             idle = self._loaded.get(entry.source.key) is entry and entry.pending == 0 and entry.worker.idle
             if idle:
                 self._take_out(entry)
+            elif not if_idle:
+                entry.keep_alive = 0.0
         if idle:
             self._retire(entry)
         return True

@@ -397,7 +397,7 @@ class Endpoints:
             raise APIError(404, f"model '{name}' not found", "model")
         source = self.registry.models.source_of(model)
         if self.registry.find_loaded(source.name) is not None:
-            await asyncio.to_thread(self.registry.unload, source.name)
+            await asyncio.to_thread(self.registry.unload, source.name, if_idle=True)
             if self.registry.find_loaded(source.name) is not None:
                 raise APIError(409, f"model '{name}' is busy answering requests; delete it once they are done")
         await asyncio.to_thread(remove, model)
