@@ -222,6 +222,14 @@ def test_the_api_key_is_required(demo_server: str) -> None:
     assert unknown.status_code == 404 and "/api/chat" in unknown.json()["error"]
 
 
+@pytest.mark.parametrize("stream", ["no", 0, [], {"on": False}])
+def test_pull_refuses_a_stream_that_is_not_true_or_false(demo_server: str, stream: Any) -> None:
+    """Before anything is looked up or fetched: a string or number is no answer to "stream?"."""
+    response = httpx.post(f"{demo_server}/api/pull", json={"model": "qwen2.5:0.5b", "stream": stream},
+                          headers={"Authorization": f"Bearer {DEMO_KEY}"}, timeout=30)
+    assert response.status_code == 400 and response.json() == {"error": "stream must be true or false"}
+
+
 def test_an_unknown_field_is_refused_by_name() -> None:
     with pytest.raises(APIError, match="'raw'"):
         parse_chat({"model": MODEL, "messages": USER, "raw": True}, None)  # type: ignore[arg-type]

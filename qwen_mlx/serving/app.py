@@ -372,7 +372,7 @@ class Endpoints:
     async def pull(self, request: HTTPRequest) -> Response:
         body = await self.body(request)
         name = ollama_api.model_name({"model": body.get("name"), **body} if isinstance(body, dict) else body)
-        stream = body.get("stream", True) is not False
+        stream = ollama_api.stream_wanted(body)
         if await asyncio.to_thread(find_local, name) is not None and repo_id_for(name) is None:
             lines = [{"status": "success"}]  # a folder under $QWEN_MLX_HOME/models: nothing to fetch
             return StreamingResponse(iter(ndjson(p) for p in lines), media_type="application/x-ndjson") if stream \

@@ -101,7 +101,7 @@ def parse_chat(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
         raise APIError(400, "messages must hold at least one message (an empty list only loads the model)",
                        "messages")
     generation = prepare_chat(served, _call(body, messages, tools))
-    return OllamaRequest(True, body["model"], generation, _stream(body), tools=tool_names(tools))
+    return OllamaRequest(True, body["model"], generation, stream_wanted(body), tools=tool_names(tools))
 
 
 def parse_generate(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
@@ -134,7 +134,7 @@ def parse_generate(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
             raise APIError(400, "context must be the list of token ids a previous reply returned", "context")
         ids = list(context) + ids
     generation = prepare_prompt(served, ids, _call(body, [], None))
-    return OllamaRequest(False, body["model"], generation, _stream(body), raw_context=True)
+    return OllamaRequest(False, body["model"], generation, stream_wanted(body), raw_context=True)
 
 
 def is_load_request(body: dict[str, Any], chat: bool) -> bool:
@@ -156,7 +156,8 @@ def _check_think(body: dict[str, Any], served: ServedModel) -> None:
         raise APIError(400, f'"{served.id}" does not support thinking', "think")
 
 
-def _stream(body: dict[str, Any]) -> bool:
+def stream_wanted(body: dict[str, Any]) -> bool:
+    """`stream` as every Ollama route takes it (/api/chat, /api/generate, /api/pull)."""
     stream = body.get("stream", True)  # Ollama streams unless told not to
     if stream is None:
         return True
