@@ -5,6 +5,7 @@ outside the cache or $QWEN_MLX_HOME/models."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -250,3 +251,22 @@ def test_list_spells_out_what_a_terminal_would_act_on(source: Path, tmp_path: Pa
     assert not any(c in out for c in "\x1b\x07")
     header, row = out.splitlines()
     assert row.startswith("evil\\x1b]0;pwned\\x07\\x1b[31mred\\nline  ") and "\\x1b[2J" in row
+
+
+def test_rm_spells_out_what_a_terminal_would_act_on(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """rm's question, its answers and its errors show a name's escape sequences and line breaks as list does."""
+    name = "evil\x1b]0;pwned\x07\x1b[31mred\nline"
+    shown = "evil\\x1b]0;pwned\\x07\\x1b[31mred\\nline"
+    copy_model(source, tmp_path / "home" / "models" / name)
+    monkeypatch.setenv("QWEN_MLX_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    capsys.readouterr()
+    assert cli.main(["rm", name]) == 1  # asked, and kept
+    assert cli.main(["rm", "-y", name]) == 0
+    assert cli.main(["rm", "-y", name]) == 2  # no longer there
+    err = capsys.readouterr().err
+    assert not any(c in err for c in "\x1b\x07")
+    # "Remove …? [y/N] kept …" (the answer is not echoed), "removed …", "… no such local model"
+    assert [line.count(shown) for line in err.splitlines()] == [2, 1, 1]

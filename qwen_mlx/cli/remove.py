@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from qwen_mlx.cli.listing import printable
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.store.catalog import LocalModel, describe_size, find_local, local_models, remove
 from qwen_mlx.store.names import close_matches
@@ -24,13 +25,15 @@ def run(args: argparse.Namespace) -> int:
     found = [find(name) for name in args.models]  # every name is checked before anything is deleted
     kept = 0
     for model in found:
-        where = "the Hugging Face cache" if model.in_cache else str(model.folder.parent)
-        if not args.yes and not confirm(f"Remove {model.name} ({describe_size(model.size)}) from {where}? [y/N] "):
-            print(f"qwen-mlx: kept {model.name}", file=sys.stderr)
+        # Names and folders as `list` shows them: escape sequences in a folder's name are spelled out, not acted on.
+        name = printable(model.name)
+        where = "the Hugging Face cache" if model.in_cache else printable(str(model.folder.parent))
+        if not args.yes and not confirm(f"Remove {name} ({describe_size(model.size)}) from {where}? [y/N] "):
+            print(f"qwen-mlx: kept {name}", file=sys.stderr)
             kept += 1
             continue
         remove(model)
-        print(f"qwen-mlx: removed {model.name} ({describe_size(model.size)} freed)", file=sys.stderr)
+        print(f"qwen-mlx: removed {name} ({describe_size(model.size)} freed)", file=sys.stderr)
     return 1 if kept else 0
 
 
@@ -38,8 +41,8 @@ def find(name: str) -> LocalModel:
     model = find_local(name)
     if model is None:
         matches = close_matches(name, [m.name for m in local_models()])
-        hint = f"; did you mean {', '.join(matches)}?" if matches else "; see `qwen-mlx list`"
-        raise QwenMLXError(f"{name}: no such local model{hint}")
+        hint = f"; did you mean {', '.join(map(printable, matches))}?" if matches else "; see `qwen-mlx list`"
+        raise QwenMLXError(f"{printable(name)}: no such local model{hint}")
     return model
 
 
