@@ -24,6 +24,7 @@ def scaled_dot_product_attention(
             scaled_dot_product_attention(q[i : i + 1], k[i], v[i], scale=scale, mask=None) for i in range(len(k))
         ])
     if isinstance(k, tuple):  # QuantizedKVCache: (packed, scales, biases)
+        assert not isinstance(mask, str)  # its masks are spelled out: the quantized matmuls have no causal mode
         return quantized_attention(q, k, v, scale, mask)
     L = q.shape[2]
     if query_chunk is not None and L > query_chunk and isinstance(mask, str):  # "causal"
@@ -60,11 +61,11 @@ def quantized_attention(
     groups = n_heads // n_kv_heads
     # Each KV head serves `groups` query heads: put them side by side instead of repeating the keys.
     q = (q * scale).reshape(B, n_kv_heads, groups, L, D)
-    k = tuple(mx.expand_dims(a, 2) for a in k)
-    v = tuple(mx.expand_dims(a, 2) for a in v)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    k_codes, k_scales, k_biases = (mx.expand_dims(a, 2) for a in k)
+    v_codes, v_scales, v_biases = (mx.expand_dims(a, 2) for a in v)
+    scores = mx.quantized_matmul(q, k_codes, k_scales, k_biases, transpose=True, group_size=group_size, bits=bits)
     if mask is not None:
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     weights = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(weights, *v, transpose=False, group_size=group_size, bits=bits)
+    out = mx.quantized_matmul(weights, v_codes, v_scales, v_biases, transpose=False, group_size=group_size, bits=bits)
     return out.reshape(B, n_heads, L, -1)

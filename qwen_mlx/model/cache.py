@@ -7,10 +7,10 @@ import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,18 +29,6 @@ def causal_mask(length: int, offset: int, window: int | None = None) -> mx.array
     if window is not None:
         mask = mask & (queries < keys + window)
     return mask
-
-
-class LayerCache(Protocol):
-    """What a layer's attention asks of its cache: where the new positions start (an int, or one per sequence),
-    somewhere to put their keys and values, and the mask they need."""
-
-    @property
-    def offset(self) -> int | mx.array: ...
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]: ...
-
-    def make_mask(self, length: int) -> Mask: ...
 
 
 class BaseCache(ABC):
@@ -126,10 +114,10 @@ class KVCache(BaseCache):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None or self.values is None else self.keys.nbytes + self.values.nbytes
 
     def state(self) -> tuple[dict[str, mx.array], dict[str, int]]:
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             return {}, {"offset": 0}
         return {
             "keys": self.keys[..., : self.offset, :],
@@ -191,11 +179,11 @@ class QuantizedKVCache(BaseCache):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else sum(a.nbytes for a in (*self.keys, *self.values))
+        return 0 if self.keys is None or self.values is None else sum(a.nbytes for a in (*self.keys, *self.values))
 
     def state(self) -> tuple[dict[str, mx.array], dict[str, int]]:
         meta = {"offset": self.offset, "group_size": self.group_size, "bits": self.bits}
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             return {}, meta
         arrays = {f"keys.{i}": a[..., : self.offset, :] for i, a in enumerate(self.keys)}
         arrays.update({f"values.{i}": a[..., : self.offset, :] for i, a in enumerate(self.values)})
@@ -252,7 +240,7 @@ class RotatingKVCache(BaseCache):
         return v[..., : self._idx, :]
 
     def _append_chunk(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             self.keys, self.values = keys, values
         else:
             ordered_k, ordered_v = self._temporal_order(self.keys), self._temporal_order(self.values)
@@ -265,12 +253,13 @@ class RotatingKVCache(BaseCache):
 
     def _append_one(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev = self.offset
-        if self.keys is None or (prev >= self.keys.shape[2] and self.keys.shape[2] < self.max_size):
+        if self.keys is None or self.values is None or (
+                prev >= self.keys.shape[2] and self.keys.shape[2] < self.max_size):
             B, heads, _, dim = keys.shape
             size = min(self.step, self.max_size - prev)
             grow_k = mx.zeros((B, heads, size, dim), keys.dtype)
             grow_v = mx.zeros((B, heads, size, values.shape[3]), values.dtype)
-            if self.keys is None:
+            if self.keys is None or self.values is None:
                 self.keys, self.values = grow_k, grow_v
             else:
                 self.keys = mx.concatenate([self.keys, grow_k], axis=2)
@@ -319,11 +308,11 @@ class RotatingKVCache(BaseCache):
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None or self.values is None else self.keys.nbytes + self.values.nbytes
 
     def state(self) -> tuple[dict[str, mx.array], dict[str, int]]:
         meta = {"offset": self.offset, "idx": self._idx, "max_size": self.max_size, "keep": self.keep}
-        if self.keys is None:
+        if self.keys is None or self.values is None:
             return {}, meta
         return {"keys": self.keys, "values": self.values}, meta
 
@@ -398,14 +387,15 @@ class RowsCache:
     (`attention.scaled_dot_product_attention` takes the lists this returns).
     """
 
-    def __init__(self, rows: list[LayerCache]):
+    def __init__(self, rows: list[BaseCache]):
         self.rows = rows
 
     @property
     def offset(self) -> mx.array:
         return mx.array([row.offset for row in self.rows])
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list[Any], list[Any]]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
+        """Each row's new position into its own cache; every row's keys, and every row's values, as lists."""
         fetched = [row.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, row in enumerate(self.rows)]
         return [k for k, _ in fetched], [v for _, v in fetched]
 
@@ -413,6 +403,11 @@ class RowsCache:
         if length != 1:
             raise ValueError("sequences decoded together take one token each per step")
         return None
+
+
+# What a layer's attention gets as its cache: where the new positions start (an int, or one per sequence),
+# somewhere to put their keys and values, and the mask they need.
+LayerCache = BaseCache | RowsCache
 
 
 def settle_rope(caches: list[LayerCache], length: int, switch: int) -> None:
@@ -589,7 +584,7 @@ def cache_checksum(arrays: dict[str, mx.array], layers: str, tokens: str) -> str
         array = mx.contiguous(arrays[name])  # a slice of a preallocated buffer has no row-major bytes of its own
         mx.eval(array)
         digest.update(f"{name}:{array.dtype}:{array.shape}\n".encode())
-        digest.update(memoryview(array))
+        digest.update(memoryview(array))  # type: ignore[arg-type]  # mx.array has the buffer protocol, not its stub
     return digest.hexdigest()
 
 
@@ -598,9 +593,11 @@ def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
     (another safetensors file, a damaged or hand-edited cache) is a one-line error naming the file."""
     try:
         # Named format: mx.load goes by the extension otherwise, and save_prompt_cache accepts any file name.
-        arrays, header = mx.load(str(path), format="safetensors", return_metadata=True)
+        loaded = mx.load(str(path), format="safetensors", return_metadata=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise QwenMLXError(f"{path}: cannot read the prompt cache ({e})") from None
+    # mx.load's stub gives one return type for all its modes; with return_metadata it is (arrays, metadata).
+    arrays, header = cast(tuple[dict[str, mx.array], dict[str, str]], loaded)
     if header.get("format") != "qwen-mlx-prompt-cache":
         raise QwenMLXError(f"{path}: not a qwen-mlx prompt cache (write one with `qwen-mlx cache-prompt`)")
     try:
@@ -622,7 +619,8 @@ def load_prompt_cache(path: str | Path) -> tuple[PromptCache, dict[str, str]]:
 
 def _layer_from_state(i: int, meta: Any, arrays: dict[str, mx.array]) -> BaseCache:
     prefix = f"layers.{i}."
-    kind = CACHE_KINDS.get(meta.get("type")) if isinstance(meta, dict) else None
+    kind_name = meta.get("type") if isinstance(meta, dict) else None
+    kind = CACHE_KINDS.get(kind_name) if isinstance(kind_name, str) else None
     if kind is None:
         raise ValueError(f"layer {i} has no known cache type")
     layer_arrays = {name[len(prefix) :]: a for name, a in arrays.items() if name.startswith(prefix)}
@@ -655,7 +653,9 @@ def shape_mismatch(stored: mx.array | tuple[mx.array, ...], cache: BaseCache, he
                    head_dim: int) -> str | None:
     """What keeps a layer's stored keys or values from fitting a model of `heads` KV heads of `head_dim` (a plain
     array, or a quantized cache's packed codes, scales and biases), or None."""
+    parts: Iterable[tuple[mx.array, int]]
     if isinstance(stored, tuple):
+        assert isinstance(cache, QuantizedKVCache)  # the one kind that stores (codes, scales, biases)
         bits, group_size = cache.bits, cache.group_size
         if len(stored) != 3 or head_dim % group_size:
             return f"do not fit this model's head size {head_dim} (in {group_size}-value groups)"

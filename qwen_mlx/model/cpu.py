@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,9 +135,11 @@ def prepare_for_cpu(model: nn.Module, streams: int | None = None) -> None:
     """
     kinds = (nn.QuantizedLinear, nn.QuantizedEmbedding)
     quantized = {path for path, m in model.named_modules() if isinstance(m, kinds)}
+    # tree_flatten's stub covers its `destination` modes too; without one it returns (name, array) pairs.
+    parameters = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
     upcast = [
         (name, p.astype(mx.float32))
-        for name, p in tree_flatten(model.parameters())
+        for name, p in parameters
         if p.dtype in HALF and not (name.rpartition(".")[0] in quantized and name.endswith((".scales", ".biases")))
     ]
     model.update(tree_unflatten(upcast))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -195,6 +196,12 @@ class VocabRows:
     start: int = 0
     rows: int = 0
     vocab_size: int = 0
+
+    if TYPE_CHECKING:
+        # What the layer this is mixed into provides (the `super()` calls below reach it through the MRO).
+        def __call__(self, x: mx.array) -> mx.array: ...
+
+        def as_linear(self, x: mx.array) -> mx.array: ...
 
     def gather_vocab(self, part: mx.array) -> mx.array:
         """(..., rows of this rank) → (..., vocab): all_gather joins along the first axis, so the vocab goes there."""

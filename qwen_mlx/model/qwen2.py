@@ -65,6 +65,7 @@ class Attention(nn.Module):
         if self.long_rope is None:
             return self.rope(x, offset)
         if cache is None:
+            assert self.yarn_switch is not None  # set with long_rope, from config.dynamic_rope_scaling
             return (self.long_rope if x.shape[2] > self.yarn_switch else self.rope)(x, offset)
         if not isinstance(cache, RowsCache):
             return (self.long_rope if cache.rope_scaled else self.rope)(x, offset)
@@ -72,6 +73,7 @@ class Attention(nn.Module):
         if len(set(scaled)) == 1:
             return (self.long_rope if scaled[0] else self.rope)(x, offset)
         # Sequences decoded together may stand on both sides of the switch: each row under its own RoPE.
+        assert isinstance(offset, mx.array)  # a RowsCache's: one offset per row
         return mx.concatenate([(self.long_rope if s else self.rope)(x[i : i + 1], offset[i : i + 1])
                                for i, s in enumerate(scaled)])
 
@@ -139,14 +141,14 @@ class Qwen2Model(nn.Module):
             h = h.astype(self.compute_dtype)
         if cache and self.yarn_switch is not None:
             settle_rope(cache, ids.shape[1], self.yarn_switch)
-        cache = cache or [None] * len(self.layers)
-        mask = attention_mask(h.shape[1], cache[0])
+        layer_caches: list[LayerCache] | list[None] = cache or [None] * len(self.layers)
+        mask = attention_mask(h.shape[1], layer_caches[0])
         if self.stage is not None:
             h = self.stage.receive(h)
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
+        for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
             h = layer(h, mask, layer_cache)
         if self.stage is not None:
-            h = self.stage.pass_on(h, cache[-1])
+            h = self.stage.pass_on(h, layer_caches[-1])
         return self.norm(h)
 
 

@@ -76,7 +76,7 @@ class RoPE(nn.Module):
             # mx.fast.rope takes periods (angle = position / freq), the reciprocal of transformers' inv_freq.
             self._freqs = mx.array(1.0 / inv_freq)
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         # transformers multiplies cos and sin by the attention factor; rotation is linear, so scaling the input
         # before rotating is the same thing.
         if self.attention_factor != 1.0:
