@@ -163,6 +163,17 @@ def test_two_clients_see_only_their_own_conversation(server: tuple[str, Path]) -
     assert "alice's apple" in saved_titles and "bob's banana" not in saved_titles
 
 
+def test_the_secret_that_signs_owner_ids_never_reaches_the_page(server: tuple[str, Path]) -> None:
+    import httpx
+
+    url, home = server
+    secret = (home / "webui-secret").read_text().strip()
+    config, page = httpx.get(url + "config", timeout=30), httpx.get(url, timeout=30)
+    assert config.status_code == page.status_code == 200
+    assert "qwen-mlx-owner" in config.text  # the browser storage's settings are there, its key included
+    assert secret not in config.text and secret not in page.text
+
+
 def test_prompt_longer_than_the_context_is_an_error_in_the_chat_and_the_server_goes_on(
     server: tuple[str, Path],
 ) -> None:

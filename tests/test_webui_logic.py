@@ -12,8 +12,9 @@ import pytest
 from qwen_mlx.text.tokenizer import Tokenizer
 from qwen_mlx.webui import branches
 from qwen_mlx.webui.attachments import MAX_BYTES, AttachmentError, read_attachment, with_attachments
+from qwen_mlx.webui.chat import ChatApp
 from qwen_mlx.webui.context import DROP_OLDEST, STOP, fit, model_messages, prompt_ids
-from qwen_mlx.webui.conversations import Conversation, ConversationStore, new_id
+from qwen_mlx.webui.conversations import Conversation, ConversationStore, new_id, owner_token, token_owner
 from qwen_mlx.webui.rendering import chat_view, inline_math, split_thinking, stats_line, without_thinking
 
 
@@ -100,6 +101,42 @@ def test_a_conversation_file_of_the_wrong_shape_is_skipped_and_logged(tmp_path: 
     skipped = [r for r in caplog.records if "skipping the conversation file" in r.getMessage()]
     assert len(skipped) == len(bad)
     assert store.load(owner, f"{1:032x}") is None and store.load(owner, good.id) is not None
+
+
+class NoModels:
+    """A page's models when none is on this machine (what `ChatApp.restore` asks of them)."""
+
+    def info(self, name: str | None) -> None:
+        return None
+
+    def choices(self) -> list[str]:
+        return []
+
+    def name_of(self, name: str | None) -> None:
+        return None
+
+
+def test_a_browser_is_known_only_by_an_owner_token_this_server_signed(tmp_path: Path) -> None:
+    """An owner id alone (it shows in an export's path) or one signed with another key opens nothing: that browser
+    is a new one."""
+    store = ConversationStore(tmp_path)
+    victim = Conversation(new_id())
+    branches.append(victim.tree, {"role": "user", "content": "my secret plans"})
+    store.save(victim)
+    app = ChatApp(NoModels(), store, owner_secret="server key")  # type: ignore[arg-type]
+
+    def restored(token: object) -> tuple[str, Conversation]:
+        token, conversation, *_ = app.restore(token, None)
+        return token, conversation
+
+    token, conversation = restored(owner_token(victim.owner, "server key"))
+    assert conversation.owner == victim.owner and conversation.id == victim.id
+    assert token_owner(token, "server key") == victim.owner
+    for forged in (victim.owner, owner_token(victim.owner, "another key"), f"{victim.owner}.{'0' * 64}",
+                   f"{victim.owner}.é", None, 5):
+        token, conversation = restored(forged)
+        assert conversation.owner != victim.owner and not conversation.messages
+        assert token_owner(token, "server key") == conversation.owner
 
 
 def test_conversations_saved_before_alternatives_still_open(tmp_path: Path) -> None:

@@ -28,6 +28,10 @@ HERE = Path(__file__).parent
 CSS = (HERE / "page.css").read_text(encoding="utf-8")
 HEAD = f"<script>\n{(HERE / 'page.js').read_text(encoding='utf-8')}\n</script>"
 REFRESH_SECONDS = 2.0  # how often a tab looks for conversations that other tabs saved, renamed or deleted
+# gr.BrowserState encrypts in the browser, with a key it sends the page (it is in /config): that key hides nothing,
+# so it is a fixed one (what browsers stored stays readable across restarts) and the server's secret is not it.
+# What proves a browser's owner id is the server's signature on it (ChatApp.restore).
+BROWSER_STORAGE_KEY = "qwen-mlx-browser-storage"
 PRESETS = {
     "Model default": None,  # the chat template's own system prompt
     "Concise": "You are a helpful assistant. Answer briefly and directly; use lists only when they help.",
@@ -112,8 +116,8 @@ class Controls:
 def build_app(models: PageModels, store: ConversationStore, *, model_name: str, demo: bool, browser_secret: str,
               max_batch: int, max_queue: int | None) -> gr.Blocks:
     """The chat page over the models a conversation can pick (the default one loaded, or failed);
-    `browser_secret` keeps the browsers' owner ids readable across server restarts."""
-    app = ChatApp(models, store)
+    `browser_secret` signs the owner ids browsers keep (kept on the server, so ids survive its restarts)."""
+    app = ChatApp(models, store, owner_secret=browser_secret)
     try:
         default = models.load(None)
         load_error = None
@@ -123,7 +127,7 @@ def build_app(models: PageModels, store: ConversationStore, *, model_name: str, 
         else SamplingParams()
     # Gradio copies every file a handler returns (the exports) into its cache: clear what is a day old, hourly.
     with gr.Blocks(title="qwen-mlx chat", fill_height=True, delete_cache=(3600, 86400)) as page:
-        parts = {**browser_state(browser_secret), **sidebar()}
+        parts = {**browser_state(), **sidebar()}
         with gr.Row(equal_height=False, elem_id="page-row"):
             parts.update(main_column(model_info(models, model_name, demo, load_error), demo))
             parts.update(settings_column(models, app.default_system, defaults))
@@ -136,13 +140,11 @@ def build_app(models: PageModels, store: ConversationStore, *, model_name: str, 
     return page
 
 
-def browser_state(browser_secret: str) -> dict[str, Any]:
+def browser_state() -> dict[str, Any]:
     return {
-        "owner": gr.BrowserState(None, storage_key="qwen-mlx-owner", secret=browser_secret),
-        "open_id": gr.BrowserState(None, storage_key="qwen-mlx-open", secret=browser_secret),
-        # (BrowserState encrypts with a key made at each start unless given one: the settings too must survive a
-        # restart.)
-        "saved_settings": gr.BrowserState(None, storage_key="qwen-mlx-settings", secret=browser_secret),
+        "owner": gr.BrowserState(None, storage_key="qwen-mlx-owner", secret=BROWSER_STORAGE_KEY),  # a signed token
+        "open_id": gr.BrowserState(None, storage_key="qwen-mlx-open", secret=BROWSER_STORAGE_KEY),
+        "saved_settings": gr.BrowserState(None, storage_key="qwen-mlx-settings", secret=BROWSER_STORAGE_KEY),
         "conversation": gr.State(None),  # set by the page load, or by the first request of an API client
         "deleted": gr.State(None),  # the conversation last deleted, for Undo
         "attachments": gr.State([]),  # files attached to the message being written: [{"name", "text"}]

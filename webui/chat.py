@@ -28,7 +28,16 @@ from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.webui import branches
 from qwen_mlx.webui.attachments import read_uploads, size_text
 from qwen_mlx.webui.context import DROP_OLDEST, fit, meter_html, model_messages, prompt_ids, reply_room
-from qwen_mlx.webui.conversations import Conversation, ConversationStore, Summary, from_record, is_id, new_id
+from qwen_mlx.webui.conversations import (
+    Conversation,
+    ConversationStore,
+    Summary,
+    from_record,
+    is_id,
+    new_id,
+    owner_token,
+    token_owner,
+)
 from qwen_mlx.webui.export import write_exports
 from qwen_mlx.webui.models import ModelInfo, PageModels
 from qwen_mlx.webui.rendering import chat_view, meta_json
@@ -79,9 +88,11 @@ class ChatApp:
     OUTPUTS = ("conversation", "chatbot", "message", "conversations", "chat_meta", "status", "meter", "open_id",
                "system_prompt", "title", "attachments", "attachments_view", "model")
 
-    def __init__(self, models: PageModels, store: ConversationStore, export_root: Path | None = None):
+    def __init__(self, models: PageModels, store: ConversationStore, export_root: Path | None = None, *,
+                 owner_secret: str):
         self.models = models
         self.store = store
+        self.owner_secret = owner_secret  # signs the owner tokens browsers keep (`restore`); never sent to a page
         self.export_root = export_root or Path(tempfile.gettempdir()) / "qwen-mlx-exports"
         self.replies: dict[str, LiveReply] = {}  # conversation id → its reply being generated or not yet settled
         # conversation id → (a note for its pages, until when): e.g. "stopped before the reply began"
@@ -261,10 +272,11 @@ class ChatApp:
 
     # The saved conversations
 
-    def restore(self, owner: str | None, open_id: str | None) -> tuple[Any, ...]:
-        """On page load: the conversation this browser had open (a browser is known by its stored owner id); the
-        most recent one on a first visit."""
-        owner = owner if is_id(owner) else new_id()
+    def restore(self, token: str | None, open_id: str | None) -> tuple[Any, ...]:
+        """On page load: the conversation this browser had open (a browser is known by the owner token it stored,
+        which this server signed: any other token, a forged one included, is a new browser); the most recent one
+        on a first visit. The browser stores the token returned."""
+        owner = token_owner(token, self.owner_secret) or new_id()
         opened = self.store.load(owner, open_id) if is_id(open_id) else None
         if opened is None and open_id is None:
             saved = self.store.list(owner)
@@ -275,7 +287,7 @@ class ChatApp:
         # The message box is disabled until now: a question sent before the page knew its conversation would go to
         # a conversation of its own, then vanish when this answer replaced it.
         page[self.OUTPUTS.index("message")] = gr.Textbox(submit_btn=True, stop_btn=False, interactive=True)
-        return owner, *page
+        return owner_token(owner, self.owner_secret), *page
 
     def open(self, conversation_id: str, conversation: Conversation | None, query: str = "") -> tuple[Any, ...]:
         conversation = self.settle(conversation)

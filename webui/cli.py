@@ -35,7 +35,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def browser_secret(home: Path) -> str:
-    """The key that encrypts each browser's owner id in its localStorage; kept so ids survive a restart."""
+    """The key that signs each browser's owner id (webui/conversations.py owner_token); it stays on the server, and
+    is kept so that ids survive a restart."""
     path = home / "webui-secret"
     if not path.exists():
         home.mkdir(parents=True, exist_ok=True)

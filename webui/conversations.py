@@ -1,12 +1,15 @@
 """Saved conversations: one JSON file per conversation, in a folder per browser, written atomically.
 
-A browser is known by a random owner id it keeps in its localStorage; only that browser can name its folder, so
-two users never see each other's conversations. A file that cannot be read as a conversation (truncated, edited by
+A browser is known by a random owner id it keeps in its localStorage, signed by the server (`owner_token`): only
+that browser can name its folder, so two users never see each other's conversations, and an owner id alone (seen
+in an export's path, say) opens nothing. A file that cannot be read as a conversation (truncated, edited by
 hand, of another shape) is skipped and named in the log once; the others stay usable.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -35,6 +38,26 @@ def new_id() -> str:
 
 def is_id(value: Any) -> bool:
     return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def owner_token(owner: str, secret: str) -> str:
+    """What a browser keeps to be known by: its owner id and this server's HMAC of it (the secret never leaves the
+    server), so that the server takes back only ids it handed out."""
+    return f"{owner}.{_signature(owner, secret)}"
+
+
+def token_owner(token: Any, secret: str) -> str | None:
+    """The owner id in `token` when this server signed it; None for anything else (a bare or forged id)."""
+    if not isinstance(token, str):
+        return None
+    owner, _, signature = token.partition(".")
+    if not is_id(owner) or not hmac.compare_digest(signature.encode(), _signature(owner, secret).encode()):
+        return None
+    return owner
+
+
+def _signature(owner: str, secret: str) -> str:
+    return hmac.new(secret.encode(), owner.encode(), hashlib.sha256).hexdigest()
 
 
 def short_title(text: str) -> str:
