@@ -18,6 +18,7 @@ stops the others (and without it, they notice the lost peer at their next collec
 
 from __future__ import annotations
 
+import bisect
 import gc
 import itertools
 import logging
@@ -38,7 +39,7 @@ import mlx.nn as nn
 
 from qwen_mlx.engine.decode import Decoder
 from qwen_mlx.engine.decode import Sequence as TokenSequence
-from qwen_mlx.engine.generate import GenerationChunk, ReplyText, text_chunks
+from qwen_mlx.engine.generate import GenerationChunk, GenerationStats, ReplyText, text_chunks
 from qwen_mlx.engine.lifecycle import Lifecycle, Phase
 from qwen_mlx.engine.lockstep import HEARTBEAT_S, Lockstep, Plan, Start, decode_request, encode_request
 from qwen_mlx.engine.prefix_cache import CacheStats, DiskTier, PrefixCache, ReplyMemory, settings_tag
@@ -57,13 +58,67 @@ RATE_WINDOW_S = 10.0  # aggregate tokens/s is measured over this many recent sec
 Loader = Callable[[], tuple[nn.Module, Tokenizer]]
 
 
+# Upper bounds (seconds) of the latency histograms: a first token comes after a prefill of milliseconds (a cached
+# prompt) to minutes (a long one on a laptop); one more token takes milliseconds (a small model) to a second.
+FIRST_TOKEN_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class Histogram:
+    """Observations counted into buckets by upper bound, as Prometheus reads them (`counts` per bucket, not
+    cumulative; the last one is +Inf)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
 @dataclass
 class UsageCounters:
-    """The totals a server reports (GET /health): one set per server, shared by every worker its registry starts,
-    so they keep growing as models unload and load."""
+    """The totals a server reports (GET /health, GET /metrics): one set per server, shared by every worker its
+    registry starts, so they keep growing as models unload and load."""
 
     generated_tokens: int = 0
     decode_passes: int = 0  # forward passes that produced tokens: one batched pass serves every row decoding
+    requests: int = 0  # generation requests submitted to a worker
+    replies: int = 0  # ... and finished (stopped, cut at max_tokens or cancelled)
+    prompt_tokens: int = 0  # the prompts of finished replies, cached parts included
+    prefilled_tokens: int = 0  # ... of which computed (the rest came from the prefix cache)
+    draft_tokens: int = 0  # speculative decoding: tokens proposed and verified
+    accepted_draft_tokens: int = 0  # ... and the ones the model agreed with
+    time_to_first_token: Histogram = field(default_factory=lambda: Histogram(FIRST_TOKEN_BUCKETS_S))
+    time_per_output_token: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS_S))
+    http_requests: dict[tuple[str, int], int] = field(default_factory=dict)  # answers by (API, HTTP status)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count_reply(self, stats: GenerationStats) -> None:
+        """A finished reply's statistics; several workers' threads (one per model) share these counters."""
+        with self.lock:
+            self.replies += 1
+            self.prompt_tokens += stats.prompt_tokens
+            self.prefilled_tokens += stats.prefilled_tokens
+            self.draft_tokens += stats.draft_tokens
+            self.accepted_draft_tokens += stats.accepted_draft_tokens
+            if stats.generation_tokens > 0:
+                self.time_to_first_token.observe(stats.time_to_first_token)
+            if stats.generation_tps > 0:
+                self.time_per_output_token.observe(1 / stats.generation_tps)
+
+    def count_http(self, api: str, status: int) -> None:
+        with self.lock:
+            self.http_requests[api, status] = self.http_requests.get((api, status), 0) + 1
 
 
 class WorkerBusy(QwenMLXError):
@@ -615,6 +670,8 @@ class ModelWorker:
                     self._token_times.append(time.monotonic())
             running.job.put(chunk)
             if chunk.finish_reason is not None:
+                if chunk.stats is not None:
+                    self.counters.count_reply(chunk.stats)
                 self._stop(running)
         self.counters.decode_passes += decoder.passes - passes
 

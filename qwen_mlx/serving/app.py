@@ -5,6 +5,7 @@
                 /api/version; DELETE /api/delete
     Anthropic   POST /v1/messages (server-sent events when streamed)
     GET /health status, loaded models, memory, queue and token counters (no key needed)
+    GET /metrics the same numbers and more, in Prometheus' text format
 
 A request's `model` picks the model: any local one (`registry.LocalModels`), loaded on first use, at most
 `--max-models` at a time, unloaded after `--keep-alive` idle (`registry.ModelRegistry`). All model work runs on
@@ -22,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import wraps
 from typing import Any
 
@@ -34,14 +35,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from qwen_mlx.engine.generate import GenerationChunk
-from qwen_mlx.engine.prefix_cache import CacheStats
 from qwen_mlx.engine.registry import LoadedModel, ModelNotFound, ModelRegistry, ModelsBusy, keep_alive_seconds
 from qwen_mlx.engine.request import check_nesting
-from qwen_mlx.engine.worker import Job, ModelWorker, WorkerBusy
+from qwen_mlx.engine.worker import Job, WorkerBusy
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.serving import anthropic_api, ollama_api
 from qwen_mlx.serving.guard import GuardSettings, RequestGuard
+from qwen_mlx.serving.metrics import CountAnswers, metrics_text, server_registry, total_cache_stats
 from qwen_mlx.serving.openai_api import ResponseBuilder, parse_chat_request, parse_completion_request
 from qwen_mlx.serving.protocol import APIError, ServedModel
 from qwen_mlx.store.catalog import describe_folder, find_local, home_models, remove, repo_id_for
@@ -158,12 +159,13 @@ class Endpoints:
     def __init__(self, registry: ModelRegistry, settings: ServerSettings):
         self.registry = registry
         self.settings = settings
-        self.requests = 0
+        self.metrics = server_registry(registry, settings.max_batch)
 
     def routes(self) -> list[Route]:
         ollama, anthropic = ollama_error_response, anthropic_error_response
         return [
             Route("/health", self.health),
+            Route("/metrics", answers_errors(self.prometheus)),
             Route("/v1/models", answers_errors(self.models)),
             Route("/v1/models/{model_id:path}", answers_errors(self.model)),
             Route("/v1/chat/completions", answers_errors(self.chat_completions), methods=["POST"]),
@@ -230,7 +232,7 @@ class Endpoints:
                                               notify=lambda: loop.call_soon_threadsafe(wake.set))
         finally:
             self.registry.release(entry, keep_alive)
-        self.requests += 1
+        self.registry.counters.requests += 1
         return entry, parsed, job, wake
 
     # --- monitoring and listings ---
@@ -242,7 +244,8 @@ class Endpoints:
         return JSONResponse({
             "status": "ok", "model": self.settings.model_id, "busy": any(w.busy for w in workers),
             "active": sum(w.active for w in workers), "waiting": sum(w.waiting for w in workers),
-            "max_batch": self.settings.max_batch, "requests": self.requests,
+            "max_batch": self.settings.max_batch, "requests": self.registry.counters.requests,
+            "prompt_tokens": self.registry.counters.prompt_tokens,
             "generated_tokens": self.registry.counters.generated_tokens,
             "decode_passes": self.registry.counters.decode_passes,
             "tokens_per_second": round(sum(w.tokens_per_second() for w in workers), 2),
@@ -256,6 +259,11 @@ class Endpoints:
             "memory": {"active_bytes": mx.get_active_memory(), "cache_bytes": mx.get_cache_memory(),
                        "peak_bytes": mx.get_peak_memory()},
         })
+
+    async def prometheus(self, request: HTTPRequest) -> Response:
+        self.check_key(request)
+        text, content_type = await asyncio.to_thread(metrics_text, self.metrics)
+        return Response(text, media_type=content_type)
 
     async def models(self, request: HTTPRequest) -> Response:
         self.check_key(request)
@@ -419,7 +427,7 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> Starlette:
                                                        "/api/ps, /api/pull, /api/delete, /api/version"))
         return error_response_for(path, APIError(404, f"no route {request.method} {path}; see /v1/models, "
                                                       "/v1/chat/completions, /v1/completions, /v1/messages, "
-                                                      "/api/tags, /health"))
+                                                      "/api/tags, /health, /metrics"))
 
     async def wrong_method(request: HTTPRequest, exc: Exception) -> Response:
         return error_response_for(request.url.path,
@@ -431,7 +439,8 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> Starlette:
         app.add_middleware(CORSMiddleware, allow_origins=sorted(settings.guard.cors_origins),
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["authorization", "content-type", "x-api-key", "anthropic-version"])
-    app.add_middleware(RequestGuard, settings=settings.guard, error_body=guard_error_body)  # added last: runs first
+    app.add_middleware(RequestGuard, settings=settings.guard, error_body=guard_error_body)
+    app.add_middleware(CountAnswers, counters=registry.counters)  # added last: runs first, so it sees every answer
     return app
 
 
@@ -547,12 +556,3 @@ async def cancel_on_disconnect(request: HTTPRequest, job: Job) -> None:
             job.cancel()
             return
         await asyncio.sleep(DISCONNECT_POLL_S)
-
-
-def total_cache_stats(workers: list[ModelWorker]) -> CacheStats:
-    """The prefix caches of every loaded model, counted together."""
-    total = CacheStats()
-    for worker in workers:
-        for f in fields(CacheStats):
-            setattr(total, f.name, getattr(total, f.name) + getattr(worker.cache_stats(), f.name))
-    return total
