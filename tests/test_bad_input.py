@@ -21,6 +21,8 @@ import httpx
 import mlx.core as mx
 import pytest
 from hf_models import save_tiny_qwen2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from servers import free_port, start_server, stop_server
 
 import qwen_mlx
@@ -365,6 +367,84 @@ def server(tiny_model_dir: Callable[..., Path], tmp_path_factory: pytest.TempPat
 
 USER = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+FLAT_TOOL = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+
+
+def responses_row(name: str, body: dict[str, Any], param: str,
+                  phrase: str) -> tuple[str, str, dict[str, Any], str, str]:
+    return f"responses: {name}", "/v1/responses", {"input": "hi", "max_output_tokens": 2, **body}, param, phrase
+
+
+def nested(levels: int) -> str:
+    return '{"a": ' * levels + "1" + "}" * levels
+
+
+RESPONSES_ROWS = [
+    responses_row("input a number", {"input": 5}, "input", "input must be a string or a non-empty list"),
+    responses_row("input null", {"input": None}, "input", "input must be a string or a non-empty list"),
+    responses_row("input an empty list", {"input": []}, "input", "non-empty list"),
+    responses_row("an item null", {"input": [None]}, "input", "item type None is not supported"),
+    responses_row("an unknown item", {"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input",
+                  "'web_search_call' is not supported"),
+    responses_row("an unknown field on a message", {"input": [{"role": "user", "content": "hi", "color": "red"}]},
+                  "input", "input[0].color is not supported"),
+    responses_row("a role that is a list", {"input": [{"role": ["user"], "content": "hi"}]}, "input",
+                  "role must be one of"),
+    responses_row("a part type that is an object", {"input": [{"role": "user", "content": [{"type": {}}]}]},
+                  "input", "content part type {} is not supported"),
+    responses_row("a part's text a number", {"input": [{"role": "user", "content": [{"type": "input_text",
+                                                                                      "text": 5}]}]},
+                  "input", "text must be a string"),
+    responses_row("call arguments not JSON", {"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                                                         "arguments": "{oops"}]}, "input",
+                  "arguments must be a JSON object"),
+    responses_row("call arguments nested 100 deep", {"input": [{"type": "function_call", "call_id": "c",
+                                                                "name": "f", "arguments": nested(100)}]},
+                  "input", "nested more than 64 levels"),
+    responses_row("call arguments nested 100k deep", {"input": [{"type": "function_call", "call_id": "c",
+                                                                 "name": "f", "arguments": nested(100_000)}]},
+                  "input", "arguments must be a JSON object"),
+    responses_row("a call output without its call_id", {"input": [{"type": "function_call_output",
+                                                                   "output": "x"}]}, "input", "needs the call_id"),
+    responses_row("a call output a number", {"input": [{"type": "function_call_output", "call_id": "c",
+                                                        "output": 5}]}, "input", "output must be a string"),
+    responses_row("a lone surrogate", {"input": "caf\udce9"}, "input", "not valid UTF-8"),
+    responses_row("instructions a list", {"instructions": ["be brief"]}, "instructions", "must be a string"),
+    responses_row("max_output_tokens 10**30", {"max_output_tokens": 10**30}, "max_output_tokens",
+                  "max_output_tokens must be an integer from 1 to"),
+    responses_row("max_output_tokens a string", {"max_output_tokens": "5"}, "max_output_tokens",
+                  "max_output_tokens must be an integer"),
+    responses_row("temperature 1e308", {"temperature": 1e308}, "temperature", "between 0 and 2"),
+    responses_row("temperature a word", {"temperature": "hot"}, "temperature", "temperature"),
+    responses_row("top_p 7", {"top_p": 7}, "top_p", "top_p"),
+    responses_row("seed a float", {"seed": 1.5}, "seed", "seed must be an integer"),
+    responses_row("tools an object", {"tools": FLAT_TOOL}, "tools", "tools must be a list"),
+    responses_row("tools in the chat shape", {"tools": [TOOL]}, "tools", "tools[0].function is not supported"),
+    responses_row("parameters a string", {"tools": [{**FLAT_TOOL, "parameters": "x"}]}, "tools",
+                  "parameters as an object"),
+    responses_row("tool_choice a number", {"tools": [FLAT_TOOL], "tool_choice": 5}, "tool_choice",
+                  "tool_choice 5 must be"),
+    responses_row("tool_choice required without tools", {"tool_choice": "required"}, "tool_choice",
+                  "tool_choice needs tools"),
+    responses_row("text a string", {"text": "json"}, "text", "text must be"),
+    responses_row("a schema without a name", {"text": {"format": {"type": "json_schema", "schema": {}}}},
+                  "text.format", "needs a name and a schema"),
+    responses_row("a schema that is a list", {"text": {"format": {"type": "json_schema", "name": "x",
+                                                                  "schema": []}}}, "text.format",
+                  "needs a name and a schema"),
+    responses_row("metadata of numbers", {"metadata": {"a": 1}}, "metadata", "metadata must map"),
+    responses_row("metadata of 17 keys", {"metadata": {str(i): "x" for i in range(17)}}, "metadata",
+                  "at most 16 keys"),
+    responses_row("previous_response_id a number", {"previous_response_id": 5}, "previous_response_id",
+                  "must be a string"),
+    responses_row("stream yes", {"stream": "yes"}, "stream", "stream must be true or false"),
+    responses_row("store no", {"store": "no"}, "store", "store must be true or false"),
+    responses_row("parallel_tool_calls 1", {"tools": [FLAT_TOOL], "parallel_tool_calls": 1}, "parallel_tool_calls",
+                  "must be true or false"),
+    responses_row("include true", {"include": True}, "include", "'include' = True is not supported"),
+    responses_row("an unknown field", {"frobnicate": 1}, "frobnicate", "parameter 'frobnicate' is not supported"),
+    responses_row("model null", {"model": None}, "model", "model is required"),
+]
 SERVER_ROWS: list[tuple[str, str, dict[str, Any], str, str]] = [
     ("tools of strings", "/v1/chat/completions", {"messages": USER, "tools": ["x"]}, "tools", "each tool"),
     ("tool_choice function a string", "/v1/chat/completions",
@@ -380,7 +460,17 @@ SERVER_ROWS: list[tuple[str, str, dict[str, Any], str, str]] = [
      "max_tokens must be an integer"),
     ("an unknown role", "/v1/chat/completions", {"messages": [{"role": "usr", "content": "hi"}]}, "messages",
      "needs a role"),
+    *RESPONSES_ROWS,
 ]
+
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+JSON = st.recursive(SCALARS, lambda children: st.lists(children, max_size=4) | st.dictionaries(
+    st.sampled_from(["type", "role", "content", "text", "name", "arguments", "call_id", "output", "format",
+                     "schema", "effort", "parameters", "x"]), children, max_size=4), max_leaves=20)
+RESPONSES_FIELDS = ["input", "instructions", "temperature", "top_p", "seed", "tools", "tool_choice",
+                    "parallel_tool_calls", "text", "metadata", "user", "store", "previous_response_id", "stream",
+                    "stream_options", "include", "truncation", "reasoning", "background", "service_tier"]
 
 
 @pytest.mark.parametrize(("path", "body", "param", "phrase"), [r[1:] for r in SERVER_ROWS],
@@ -392,3 +482,15 @@ def test_bad_requests_are_400s_naming_the_field(server: str, path: str, body: di
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and phrase in error["message"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.dictionaries(st.sampled_from(RESPONSES_FIELDS), JSON, max_size=5))
+def test_no_responses_body_gets_a_500(server: str, body: dict[str, Any]) -> None:
+    """Random values in the Responses API's fields: whatever they are, an answer (a 4xx in OpenAI's shape, or a
+    reply), never a 500."""
+    body = {"model": "tiny-qwen", "input": "hi", **body, "max_output_tokens": 2}  # a valid body answers quickly
+    response = httpx.post(f"{server}/v1/responses", json=body, timeout=60)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}

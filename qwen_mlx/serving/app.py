@@ -3,6 +3,7 @@
     OpenAI      POST /v1/chat/completions, /v1/completions; GET /v1/models, /v1/models/{id}
     Ollama      POST /api/chat, /api/generate (NDJSON streams), /api/show, /api/pull; GET /api/tags, /api/ps,
                 /api/version; DELETE /api/delete
+    OpenAI      POST /v1/responses (the Responses API), GET / DELETE /v1/responses/{id}
     Anthropic   POST /v1/messages (server-sent events when streamed)
     GET /health status, loaded models, memory, queue and token counters (no key needed)
     GET /metrics the same numbers and more, in Prometheus' text format
@@ -24,7 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from functools import wraps
+from functools import partial, wraps
 from typing import Any
 
 import mlx.core as mx
@@ -40,7 +41,7 @@ from qwen_mlx.engine.request import check_nesting
 from qwen_mlx.engine.worker import Job, WorkerBusy
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.generation_config import SamplingParams
-from qwen_mlx.serving import anthropic_api, ollama_api
+from qwen_mlx.serving import anthropic_api, ollama_api, responses_api
 from qwen_mlx.serving.guard import GuardSettings, RequestGuard
 from qwen_mlx.serving.metrics import CountAnswers, metrics_text, server_registry, total_cache_stats
 from qwen_mlx.serving.openai_api import ResponseBuilder, parse_chat_request, parse_completion_request
@@ -159,6 +160,7 @@ class Endpoints:
     def __init__(self, registry: ModelRegistry, settings: ServerSettings):
         self.registry = registry
         self.settings = settings
+        self.stored = responses_api.ResponseStore()  # the Responses API's, for previous_response_id and GET
         self.metrics = server_registry(registry, settings.max_batch)
 
     def routes(self) -> list[Route]:
@@ -170,6 +172,8 @@ class Endpoints:
             Route("/v1/models/{model_id:path}", answers_errors(self.model)),
             Route("/v1/chat/completions", answers_errors(self.chat_completions), methods=["POST"]),
             Route("/v1/completions", answers_errors(self.text_completions), methods=["POST"]),
+            Route("/v1/responses", answers_errors(self.responses), methods=["POST"]),
+            Route("/v1/responses/{response_id}", answers_errors(self.stored_response), methods=["GET", "DELETE"]),
             Route("/v1/messages", answers_errors(self.messages, anthropic), methods=["POST"]),
             Route("/api/chat", answers_errors(self.ollama_chat, ollama), methods=["POST"]),
             Route("/api/generate", answers_errors(self.ollama_generate, ollama), methods=["POST"]),
@@ -292,6 +296,24 @@ class Endpoints:
             return StreamingResponse(stream(job, wake, reply), media_type="text/event-stream", headers=STREAM_HEADERS)
         return JSONResponse(await whole_reply(request, job, wake, reply))
 
+    # --- OpenAI's Responses API ---
+
+    async def responses(self, request: HTTPRequest) -> Response:
+        body = await self.body(request)
+        entry, parsed, job, wake = await self.start(body, partial(responses_api.parse_request, store=self.stored))
+        reply = responses_api.ResponsesReply(parsed, self.served(entry), self.stored)
+        if parsed.stream:
+            return StreamingResponse(named_events(job, wake, reply, reply.start(), reply.error_event),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
+        return JSONResponse(await whole_reply(request, job, wake, reply))
+
+    async def stored_response(self, request: HTTPRequest) -> Response:
+        self.check_key(request)
+        response_id = request.path_params["response_id"]
+        if request.method == "DELETE":
+            return JSONResponse(self.stored.delete(response_id))
+        return JSONResponse(self.stored.get(response_id).response)
+
     # --- Anthropic ---
 
     async def messages(self, request: HTTPRequest) -> Response:
@@ -301,7 +323,8 @@ class Endpoints:
         entry, parsed, job, wake = await self.start(body, anthropic_api.parse_messages)
         reply = anthropic_api.AnthropicReply(parsed, self.served(entry))
         if parsed.stream:
-            return StreamingResponse(anthropic_events(job, wake, reply, len(parsed.generation.prompt_ids)),
+            return StreamingResponse(named_events(job, wake, reply, reply.start(len(parsed.generation.prompt_ids)),
+                                                  anthropic_error_event),
                                      media_type="text/event-stream", headers=STREAM_HEADERS)
         return JSONResponse(await whole_reply(request, job, wake, reply))
 
@@ -426,8 +449,8 @@ def build_app(registry: ModelRegistry, settings: ServerSettings) -> Starlette:
                                                        "API has /api/chat, /api/generate, /api/tags, /api/show, "
                                                        "/api/ps, /api/pull, /api/delete, /api/version"))
         return error_response_for(path, APIError(404, f"no route {request.method} {path}; see /v1/models, "
-                                                      "/v1/chat/completions, /v1/completions, /v1/messages, "
-                                                      "/api/tags, /health, /metrics"))
+                                                      "/v1/chat/completions, /v1/completions, /v1/responses, "
+                                                      "/v1/messages, /api/tags, /health, /metrics"))
 
     async def wrong_method(request: HTTPRequest, exc: Exception) -> Response:
         return error_response_for(request.url.path,
@@ -481,18 +504,22 @@ async def ollama_lines(job: Job, wake: asyncio.Event, reply: ollama_api.OllamaRe
         job.cancel()
 
 
-async def anthropic_events(job: Job, wake: asyncio.Event, reply: anthropic_api.AnthropicReply,
-                           prompt_tokens: int) -> AsyncIterator[str]:
-    """Server-sent events as Anthropic names them; an error mid-stream is an `error` event."""
+def anthropic_error_event(error: APIError) -> tuple[str, dict[str, Any]]:
+    return "error", anthropic_api.error_body(error.status, error.message)
+
+
+async def named_events(job: Job, wake: asyncio.Event, reply: Any, opening: list[tuple[str, dict[str, Any]]],
+                       error_event: Callable[[APIError], tuple[str, dict[str, Any]]]) -> AsyncIterator[str]:
+    """Server-sent events with names, as Anthropic's and OpenAI's Responses API send them (`reply`: the API's
+    builder; `opening`: its first events); an error mid-stream is the API's own error event."""
     try:
-        for name, payload in reply.start(prompt_tokens):
+        for name, payload in opening:
             yield sse_event(name, payload)
         async for chunk in job_chunks(job, wake):
             for name, payload in reply.finish(chunk)[0] if chunk.finish_reason is not None else reply.add(chunk):
                 yield sse_event(name, payload)
     except Exception as e:
-        error = api_error(e)
-        yield sse_event("error", anthropic_api.error_body(error.status, error.message))
+        yield sse_event(*error_event(api_error(e)))
     finally:
         job.cancel()
 
