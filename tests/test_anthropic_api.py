@@ -132,6 +132,21 @@ def test_json_output_follows_the_schema(client: anthropic.Anthropic) -> None:
     assert isinstance(parsed.parsed_output, Forecast)
 
 
+def test_count_tokens_is_the_prompt_a_message_reads(client: anthropic.Anthropic) -> None:
+    """`messages.count_tokens`: the prompt /v1/messages would read for the same fields, counted without
+    generating, after the same checks."""
+    for fields in ({"messages": USER, "system": "Be brief."},
+                   {"messages": USER, "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"}}):
+        counted = client.messages.count_tokens(model=MODEL, **fields)
+        message = client.messages.create(model=MODEL, max_tokens=1, **fields)
+        assert counted.input_tokens == message.usage.input_tokens + message.usage.cache_read_input_tokens
+    with pytest.raises(anthropic.BadRequestError, match="image"):
+        client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "aGk="}}]}])
+    with pytest.raises(anthropic.BadRequestError, match="max_tokens: this field is not supported"):
+        client.messages.count_tokens(model=MODEL, messages=USER, extra_body={"max_tokens": 5})
+
+
 def test_a_tool_call_the_model_chooses_is_a_tool_use_block(qwen_tokenizer_dir: Path) -> None:
     """tool_choice auto: a `<tool_call>` block in the reply, however it streams, is a tool_use block and no text."""
     from test_ollama_api import FakeModel

@@ -31,6 +31,8 @@ from qwen_mlx.text.tool_calls import CallPiece, tool_names
 # cache_control (here, on text blocks and tools): a prompt-caching hint; every prefix is cached here anyway.
 FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
           "tools", "tool_choice", "metadata", "output_config", "thinking", "service_tier", "cache_control"}
+# What a token count reads: the prompt's fields, none of the reply's (max_tokens, sampling, stream).
+COUNT_FIELDS = {"model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "cache_control"}
 TEXT_FIELDS = {"type", "text", "cache_control"}
 TOOL_FIELDS = {"name", "description", "input_schema", "cache_control", "type"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -57,16 +59,41 @@ class AnthropicRequest:
 
 
 def parse_messages(body: Any, served: ServedModel) -> AnthropicRequest:
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    for name in body:
-        if name not in FIELDS:
-            raise APIError(400, f"{name}: this field is not supported by qwen-mlx", name)
+    _check_fields(body, FIELDS)
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise APIError(400, "max_tokens: Field required", "max_tokens")
     if not is_int(max_tokens) or max_tokens < 1:
         raise APIError(400, "max_tokens: must be a positive integer", "max_tokens")
+    call = _chat_call(body, max_tokens)
+    tools, choice, options = call.tools, call.choice, call.options
+    generation = prepare_chat(served, call)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream: must be true or false", "stream")
+    return AnthropicRequest(body["model"], generation, stream, parse_tools=choice.mode != "none" and bool(tools),
+                            forced_tools=choice.forced, tool_names=tool_names(tools), parallel_tools=choice.parallel,
+                            stop_sequences=tuple(options.get("stop", ())))
+
+
+def count_tokens(body: Any, served: ServedModel) -> int:
+    """`POST /v1/messages/count_tokens`: the prompt a `/v1/messages` request with these fields would have, in
+    tokens, after the same checks (the prompt must leave room to answer in the context)."""
+    _check_fields(body, COUNT_FIELDS)
+    return len(prepare_chat(served, _chat_call(body, None)).prompt_ids)
+
+
+def _check_fields(body: Any, allowed: set[str]) -> None:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    for name in body:
+        if name not in allowed:
+            raise APIError(400, f"{name}: this field is not supported by qwen-mlx", name)
+
+
+def _chat_call(body: dict[str, Any], max_tokens: int | None) -> ChatCall:
+    """The request's messages, tools and output format as the library's call (what a reply and a token count
+    share)."""
     _check_extras(body)
     tools = _tools(body.get("tools"))
     choice = _tool_choice(body.get("tool_choice"), tools)
@@ -77,14 +104,7 @@ def parse_messages(body: Any, served: ServedModel) -> AnthropicRequest:
         options["json_schema"] = fmt
     # max_tokens is a ceiling: the reply also ends at the model's own limits (stop_reason "max_tokens" either way).
     params = {"stop": "stop_sequences", "json_schema": "output_config", "grammar": "tool_choice"}
-    generation = prepare_chat(served, ChatCall(messages, tools, choice, options, max_tokens, clip_max_tokens=True,
-                                               params=params))
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "stream: must be true or false", "stream")
-    return AnthropicRequest(body["model"], generation, stream, parse_tools=choice.mode != "none" and bool(tools),
-                            forced_tools=choice.forced, tool_names=tool_names(tools), parallel_tools=choice.parallel,
-                            stop_sequences=tuple(options.get("stop", ())))
+    return ChatCall(messages, tools, choice, options, max_tokens, clip_max_tokens=True, params=params)
 
 
 def _check_extras(body: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@
     Ollama      POST /api/chat, /api/generate (NDJSON streams), /api/show, /api/pull; GET /api/tags, /api/ps,
                 /api/version; DELETE /api/delete
     OpenAI      POST /v1/responses (the Responses API), GET / DELETE /v1/responses/{id}
-    Anthropic   POST /v1/messages (server-sent events when streamed)
+    Anthropic   POST /v1/messages (server-sent events when streamed), /v1/messages/count_tokens
     GET /health status, loaded models, memory, queue and token counters (no key needed)
     GET /metrics the same numbers and more, in Prometheus' text format
 
@@ -175,6 +175,7 @@ class Endpoints:
             Route("/v1/responses", answers_errors(self.responses), methods=["POST"]),
             Route("/v1/responses/{response_id}", answers_errors(self.stored_response), methods=["GET", "DELETE"]),
             Route("/v1/messages", answers_errors(self.messages, anthropic), methods=["POST"]),
+            Route("/v1/messages/count_tokens", answers_errors(self.count_tokens, anthropic), methods=["POST"]),
             Route("/api/chat", answers_errors(self.ollama_chat, ollama), methods=["POST"]),
             Route("/api/generate", answers_errors(self.ollama_generate, ollama), methods=["POST"]),
             Route("/api/tags", answers_errors(self.tags, ollama)),
@@ -327,6 +328,19 @@ class Endpoints:
                                                   anthropic_error_event),
                                      media_type="text/event-stream", headers=STREAM_HEADERS)
         return JSONResponse(await whole_reply(request, job, wake, reply))
+
+    async def count_tokens(self, request: HTTPRequest) -> Response:
+        """Anthropic's token count: the messages checked as for a reply, and their prompt measured; nothing
+        generated (the model is loaded to read its tokenizer and chat template)."""
+        body = await self.body(request)
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        entry = await self.acquire(body.get("model"))
+        try:
+            count = await asyncio.to_thread(anthropic_api.count_tokens, body, self.served(entry))
+        finally:
+            self.registry.release(entry)
+        return JSONResponse({"input_tokens": count})
 
     # --- Ollama ---
 
