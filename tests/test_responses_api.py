@@ -20,7 +20,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import BaseModel, TypeAdapter
 
 from qwen_mlx.engine.generate import GenerationChunk, GenerationStats
-from qwen_mlx.serving.protocol import ServedModel
+from qwen_mlx.serving.protocol import APIError, ServedModel
 from qwen_mlx.serving.responses_api import ResponsesReply, ResponseStore, parse_request
 
 MODEL = "qwen2-demo"
@@ -222,6 +222,10 @@ def test_a_call_the_model_chooses_is_a_function_call_item(qwen_tokenizer_dir: Pa
         "role": "assistant", "content": "Checking.",
         "tool_calls": [{"type": "function", "function": {"name": "get_weather",
                                                          "arguments": {"city": "Oslo", "unit": "celsius"}}}]}
+    # A failure mid-stream is OpenAI's `error` event, numbered after the rest.
+    name, error = reply.error_event(APIError(503, "the server is shutting down", kind="server_error"))
+    assert name == "error" and error["sequence_number"] == len(events)
+    assert TypeAdapter(ResponseStreamEvent).validate_python(error).message == "the server is shutting down"
 
 
 # --- the OpenAI Agents SDK, unchanged: only its client's base_url and api_key point here ---
