@@ -6,12 +6,14 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from qwen_mlx.engine.generate import stream_generate
 from qwen_mlx.errors import QwenMLXError
+from qwen_mlx.text.tokenizer import Tokenizer
 
 
 @dataclass
@@ -25,7 +27,8 @@ class Trial:
     total_time: float  # seconds
 
 
-def run_trial(model: Any, tokenizer: Any, prompt: list[int], generation_tokens: int, **kwargs: Any) -> Trial:
+def run_trial(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], generation_tokens: int,
+              **kwargs: Any) -> Trial:
     """One greedy generation of exactly `generation_tokens` tokens after `prompt`, timed."""
     eos, tokenizer.eos_token_ids = tokenizer.eos_token_ids, []  # every trial runs to its full length
     try:
@@ -36,16 +39,17 @@ def run_trial(model: Any, tokenizer: Any, prompt: list[int], generation_tokens: 
         total = time.perf_counter() - start
     finally:
         tokenizer.eos_token_ids = eos
+    assert stats is not None  # the last chunk carries the statistics
     return Trial(stats.prompt_tokens, stats.generation_tokens, stats.prompt_tps, stats.generation_tps,
                  stats.time_to_first_token, stats.peak_memory_gb, total)
 
 
 def random_prompt(length: int, vocab_size: int, seed: int = 0) -> list[int]:
     """Token ids drawn uniformly from the vocabulary, as mlx_lm.benchmark draws its prompt."""
-    return mx.random.randint(0, vocab_size, (length,), key=mx.random.key(seed)).tolist()
+    return cast(list[int], mx.random.randint(0, vocab_size, (length,), key=mx.random.key(seed)).tolist())
 
 
-def bench(model: Any, tokenizer: Any, prompt_tokens: int, generation_tokens: int, num_trials: int,
+def bench(model: nn.Module, tokenizer: Tokenizer, prompt_tokens: int, generation_tokens: int, num_trials: int,
           **kwargs: Any) -> list[Trial]:
     """Warm up, then run and print `num_trials` trials (`kwargs` go to `stream_generate`)."""
     context = model.config.context_length

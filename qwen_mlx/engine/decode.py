@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,7 +26,7 @@ import mlx.nn as nn
 from qwen_mlx.engine.request import GenerationRequest
 from qwen_mlx.engine.sample import LogitsProcessor, RepetitionPenalty, Sampler
 from qwen_mlx.engine.speculative import accept_drafts, make_speculation
-from qwen_mlx.model.cache import PromptCache, RowsCache
+from qwen_mlx.model.cache import BaseCache, PromptCache, RowsCache
 from qwen_mlx.text.grammar import GrammarMask
 from qwen_mlx.text.tokenizer import Tokenizer
 
@@ -142,10 +143,11 @@ def token_logprobs(logits: mx.array, token: mx.array, top: int) -> tuple[mx.arra
 
 def read_token(arrays: tuple[mx.array, ...], row: int = 0, drafted: bool = False) -> Token:
     """Row `row` of a step's (token, logprob, top ids, top logprobs) arrays, evaluated, as a Token."""
-    token = Token(arrays[0][row].item(), drafted=drafted)
+    token = Token(int(arrays[0][row]), drafted=drafted)
     if len(arrays) > 1:
-        token.logprob = arrays[1][row].item()
-        top = zip(arrays[2][row].tolist(), arrays[3][row].tolist(), strict=True) if len(arrays) > 2 else []
+        token.logprob = float(arrays[1][row])
+        top = zip(cast(list[int], arrays[2][row].tolist()), cast(list[float], arrays[3][row].tolist()),
+                  strict=True) if len(arrays) > 2 else []
         # Tokens a grammar rules out have probability 0: they are not among the likeliest.
         token.top_logprobs = [(t, v) for t, v in top if v != -math.inf]
     return token
@@ -155,6 +157,7 @@ def speculative_round(model: nn.Module, s: Sequence, context_length: int, eos: s
     """Draft, verify in one forward pass, and return the tokens that stand (the accepted drafts and the model's
     next token), with the caches trimmed back to them; None when no draft is worth verifying now."""
     spec = s.speculation
+    assert spec is not None  # the Decoder speculates only for a sequence that has draft sources
     k = min(spec.draft_length(), s.remaining(context_length) - 1)
     room = s.cache.plain_room(s.yarn_switch)
     if room is not None:  # drafts stop short of YaRN on demand's switch, which the next plain step makes
@@ -267,12 +270,12 @@ class Decoder:
         return events + self._prefill_chunk()
 
     def _read(self) -> list[Event]:
-        in_flight = [s for s in self.sequences if s.pending is not None]
-        mx.eval([a for s in in_flight for a in s.pending])
+        in_flight = [(s, s.pending) for s in self.sequences if s.pending is not None]
+        mx.eval([a for _, arrays in in_flight for a in arrays])
         alone = len(self.sequences) == 1  # no other sequence shares its steps: a clean timing of one step
         events = []
-        for s in in_flight:
-            arrays, s.pending = s.pending, None
+        for s, arrays in in_flight:
+            s.pending = None
             if s.cancelled:  # stopped while its token was being computed: that token is dropped
                 events.append(self.finish(s, "cancelled"))
                 continue
@@ -284,7 +287,7 @@ class Decoder:
     def accept(self, s: Sequence, tokens: list[Token]) -> list[Event]:
         """Take a sequence's new tokens in order, up to its end: an end-of-turn id, max_tokens, the context's end,
         or a cancel. What goes on gets the last token as its next input."""
-        events = []
+        events: list[Event] = []
         eos = set(self.tokenizer.eos_token_ids)
         for token in tokens:
             if token.id in eos:
@@ -302,6 +305,7 @@ class Decoder:
     def _queue(self, rows: list[Sequence]) -> list[Event]:
         """One forward pass for `rows`, each feeding its one pending token; their next tokens queued."""
         ids = mx.array([s.feed for s in rows])
+        caches: list[BaseCache] | list[RowsCache]
         if len(rows) == 1:
             caches = rows[0].cache.caches
         else:

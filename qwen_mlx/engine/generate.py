@@ -220,6 +220,7 @@ def run_request(model: nn.Module, tokenizer: Tokenizer, request: GenerationReque
     while decoder.sequences:
         for _, chunk in text_chunks(decoder, replies):
             if chunk.finish_reason == "error":
+                assert sequence.error is not None  # set with finish "error" (`Decoder.fail`)
                 raise sequence.error
             yield chunk
 
@@ -235,6 +236,7 @@ def collect(chunks: Iterator[GenerationChunk], tools: list[dict[str, Any]] | Non
         if chunk.finish_reason is not None:
             finish, stats = chunk.finish_reason, chunk.stats
     reply = "".join(text)
+    assert stats is not None  # the last chunk of every stream has its finish reason and statistics
     result = GenerationResult(reply, tokens, finish, stats)
     if tools:
         parsed = parse_tool_calls(reply, tool_names(tools))
@@ -267,6 +269,7 @@ def batch_generate(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Pro
             chunks[sequence] = []
         for reply, chunk in text_chunks(decoder, replies):
             if chunk.finish_reason == "error":
+                assert reply.sequence.error is not None  # set with finish "error" (`Decoder.fail`)
                 raise reply.sequence.error
             chunks[reply.sequence].append(chunk)
     return [collect(iter(c), s.request.tools) for s, c in chunks.items()]

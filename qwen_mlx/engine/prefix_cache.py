@@ -294,33 +294,36 @@ class PrefixCache:
 
     def acquire(self, prompt: list[int]) -> PromptCache:
         """The cache to run `prompt` in: the best entry (taken, or its shared prefix copied), or a new cache."""
-        best, usable, where = None, 0, None
-        for key, cache in self.entries.items():
-            n = usable_prefix(cache.tokens, prompt, cache.is_trimmable())
+        best: int | Path | None = None  # a RAM entry's key, or a disk tier's file
+        usable = 0
+        for key, entry in self.entries.items():
+            n = usable_prefix(entry.tokens, prompt, entry.is_trimmable())
             if n > usable:
-                best, usable, where = key, n, "ram"
+                best, usable = key, n
         for path, (tokens, _) in (self.disk.index.items() if self.disk else ()):
             n = usable_prefix(list(tokens), prompt, self.settings.max_kv_size is None or len(tokens) <
                               self.settings.max_kv_size)
             if n > usable:
-                best, usable, where = path, n, "disk"
-        cache = self._take(best, where, usable)
+                best, usable = path, n
+        from_disk = isinstance(best, Path)
+        cache = self._take(best, usable)
         if cache is None:
             self.stats.misses += 1
             return PromptCache.new(self.model, self.settings)
         self.stats.hits += 1
-        self.stats.disk_hits += where == "disk"
+        self.stats.disk_hits += from_disk
         self.stats.reused_tokens += usable
         return cache
 
-    def _take(self, best: int | Path | None, where: str | None, usable: int) -> PromptCache | None:
-        if where == "disk":
-            cache = self.disk.read(best)
-            if cache is None:
-                return None
-            best = self._add(cache)  # back in RAM, then as any RAM entry
-        elif where != "ram":
+    def _take(self, best: int | Path | None, usable: int) -> PromptCache | None:
+        if best is None:
             return None
+        if isinstance(best, Path):
+            assert self.disk is not None  # only the disk tier's index names files
+            read = self.disk.read(best)
+            if read is None:
+                return None
+            best = self._add(read)  # back in RAM, then as any RAM entry
         cache = self.entries[best]
         # A prompt that continues the whole entry (its conversation's next turn) takes it; any other (a regenerate,
         # an edit, another conversation with the same start) gets a copy of the shared part, so the entry stays

@@ -48,7 +48,7 @@ class RepetitionPenalty:
     def __call__(self, tokens: Sequence[int], logits: mx.array) -> mx.array:
         keep = min(self.history.size, len(tokens) - 1)
         if keep < len(tokens):
-            self.history = mx.concatenate([self.history[:keep], mx.array(tokens[keep:], dtype=mx.int32)])
+            self.history = mx.concatenate([self.history[:keep], mx.array(list(tokens[keep:]), dtype=mx.int32)])
         return apply_repetition_penalty(logits, self.history, self.penalty)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ class EngineSettings:
     step_delay: float = 0.0
 
     @property
-    def speculation(self) -> dict[str, Any]:
+    def speculation(self) -> dict[str, int | None]:
         """`stream_generate`'s speculation options every request gets unless it gives its own."""
         return {"num_draft_tokens": self.num_draft_tokens, "prompt_lookup": self.prompt_lookup}
 
@@ -106,7 +107,7 @@ def cache_tiers(settings: EngineSettings, parallel: Parallel | None = None) -> C
     return CacheTiers(ram, data_home() / "kv-cache", int(disk_gb * 1e9))
 
 
-def report_status(label: str) -> Any:
+def report_status(label: str) -> Callable[[str], None]:
     """A worker's progress (loading, loaded, unloaded) as one stderr line each."""
     return lambda message: print(f"qwen-mlx: {label}: {message}", file=sys.stderr, flush=True)
 
@@ -130,7 +131,7 @@ def start_worker(settings: EngineSettings, label: str, parallel: Parallel | None
                        lockstep=Lockstep(parallel.group) if parallel else None, counters=counters)
 
 
-def draft_loader(settings: EngineSettings) -> Any:
+def draft_loader(settings: EngineSettings) -> Callable[[Tokenizer], DraftModel] | None:
     """What loads the settings' draft model once its target's tokenizer is known (to check they match)."""
     if not settings.draft_model:
         return None

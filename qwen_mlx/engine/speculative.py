@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,6 +39,9 @@ from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.cache import PromptCache, RotatingKVCache
 from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from qwen_mlx.engine.request import SpeculationSettings
 
 MIN_SPEED = 0.95  # speculate only where it is expected to be at least this fast as plain decoding
 PROBE_EVERY = 16  # plain tokens between one-token probes while speculation does not pay
@@ -154,13 +157,13 @@ class DraftModelSource:
             if self.sampler.params.greedy:
                 y = mx.argmax(logits, axis=-1)
             else:
-                q = self.sampler.probabilities(logits)
-                y = self.sampler.categorical(mx.log(q))
-                probs.append(q)
+                step_q = self.sampler.probabilities(logits)
+                y = self.sampler.categorical(mx.log(step_q))
+                probs.append(step_q)
             mx.async_eval(y)
             tokens.append(y)
         mx.eval(tokens, probs)
-        ids = [t.item() for t in tokens]
+        ids = [int(t) for t in tokens]
         self.cache.tokens += todo[-1:] + ids[:-1]
         # Ids past the model's vocabulary (a draft with a larger embedding) can never be accepted: stop before them.
         usable = next((i for i, t in enumerate(ids) if t >= self.target_vocab), len(ids))
@@ -176,7 +179,7 @@ class DraftModelSource:
 class Speculation:
     """One sequence's speculative decoding: its draft sources, and running estimates of what drafts are worth."""
 
-    sources: list[DraftSource]
+    sources: Sequence[DraftSource]
     max_draft: int = 4
     timed: bool = True  # False: the cost stays at its prior (seeded sampling: no reply may depend on timings)
     acceptance: float = 0.8  # draft tokens accepted per draft token verified (prior, then measured)
@@ -240,21 +243,21 @@ def accept_drafts(p: mx.array, q: mx.array | None, drafts: list[int], sampler: S
     """
     k = len(drafts)
     if sampler.params.greedy:
-        targets = mx.argmax(p, axis=-1).tolist()
+        targets = cast(list[int], mx.argmax(p, axis=-1).tolist())
         n = next((i for i in range(k) if targets[i] != drafts[i]), k)
         return n, targets[n]
     d = mx.array(drafts)[:, None]
     q = (mx.arange(p.shape[-1])[None] == d).astype(mx.float32) if q is None else q
     ratio = mx.take_along_axis(p[:k], d, axis=-1)[:, 0] / mx.take_along_axis(q, d, axis=-1)[:, 0]
-    accepted = (sampler.uniform((k,)) < ratio).tolist()
+    accepted = cast(list[bool], (sampler.uniform((k,)) < ratio).tolist())
     n = next((i for i in range(k) if not accepted[i]), k)
     if n == k:
-        return n, sampler.categorical(mx.log(p[k])).item()
+        return n, int(sampler.categorical(mx.log(p[k])))
     residual = mx.maximum(p[n] - q[n], 0.0)
     total = residual.sum()
     # p == q at a rejected token cannot happen (it would have been accepted); guard the division all the same.
     residual = mx.where(total > 0, residual / mx.maximum(total, 1e-30), p[n])
-    return n, sampler.categorical(mx.log(residual)).item()
+    return n, int(sampler.categorical(mx.log(residual)))
 
 
 def check_draft_tokenizer(draft: Tokenizer, target: Tokenizer) -> None:
@@ -272,14 +275,14 @@ def check_cache_can_rewind(rotating: bool, flag: str = "max_kv_size") -> None:
                            "be once it wraps: drop one of the two", "max_kv_size")
 
 
-def make_speculation(settings: Any, cache: PromptCache, sampling: SamplingParams, seed: int | None,
+def make_speculation(settings: SpeculationSettings, cache: PromptCache, sampling: SamplingParams, seed: int | None,
                      vocab_size: int, prefill_step_size: int, timed: bool = True) -> Speculation:
     """A sequence's Speculation from its request's `SpeculationSettings`; a draft model keeps its own cache as
     `cache.draft`, so the next turn of the conversation reuses the draft's prefix too. With `timed` False the
     draft lengths never depend on timings."""
     check_cache_can_rewind(any(isinstance(c, RotatingKVCache) for c in cache.caches))
     k = settings.num_draft_tokens
-    sources: list[DraftSource] = []
+    sources: list[Limited] = []
     if settings.prediction:
         sources.append(Limited(PredictionSource(list(settings.prediction)), k))
     if settings.prompt_lookup:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -410,7 +410,7 @@ class RowsCache:
 LayerCache = BaseCache | RowsCache
 
 
-def settle_rope(caches: list[LayerCache], length: int, switch: int) -> None:
+def settle_rope(caches: Sequence[LayerCache], length: int, switch: int) -> None:
     """Before `length` new positions go into `caches` (one per layer) of a model with YaRN on demand: a new cache
     that they take past the original context (`switch` positions) starts with the long RoPE, as a static-YaRN run
     would; a cache already holding plain-RoPE positions cannot be taken past it here (`PromptCache.fit_rope`

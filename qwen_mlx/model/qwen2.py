@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -135,13 +136,13 @@ class Qwen2Model(nn.Module):
         # Pipeline parallel (`parallel.shard_model`): `layers` are this rank's stage, between the others'.
         self.stage: Stage | None = None
 
-    def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+    def __call__(self, ids: mx.array, cache: Sequence[LayerCache] | None = None) -> mx.array:
         h = self.embed_tokens(ids)
         if self.compute_dtype is not None:
             h = h.astype(self.compute_dtype)
         if cache and self.yarn_switch is not None:
             settle_rope(cache, ids.shape[1], self.yarn_switch)
-        layer_caches: list[LayerCache] | list[None] = cache or [None] * len(self.layers)
+        layer_caches: Sequence[LayerCache] | list[None] = cache or [None] * len(self.layers)
         mask = attention_mask(h.shape[1], layer_caches[0])
         if self.stage is not None:
             h = self.stage.receive(h)
@@ -170,7 +171,7 @@ class Qwen2(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, ids: mx.array, cache: list[LayerCache] | None = None) -> mx.array:
+    def __call__(self, ids: mx.array, cache: Sequence[LayerCache] | None = None) -> mx.array:
         h = self.model(ids, cache)
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
