@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -246,7 +246,7 @@ class ModelWorker:
         self._on_status = on_status or (lambda message: None)
         self._lock = threading.Lock()
         # Jobs, and errands to run on this thread in turn.
-        self._inbox: queue.SimpleQueue[Job | Callable[[], Any]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Job | Forget | Callable[[], Any]] = queue.SimpleQueue()
         self._queued: deque[Job] = deque()  # jobs waiting for a row
         self._running: dict[TokenSequence, Running] = {}
         self._idle_waiters: list[threading.Event] = []  # set once no job is running (`close`)
@@ -326,6 +326,8 @@ class ModelWorker:
         try:
             if self.load_error is not None:
                 raise self.load_error
+            # Loaded: `wait_loaded` returned and the load did not fail (an unloaded worker, UNLOADED, has no model).
+            assert self.model is not None and self.tokenizer is not None
             request = prepare_request(self.model, self.tokenizer, prompt, **{**self.options, **options})
         except QwenMLXError as e:
             job = Job(session, None, notify=notify)
@@ -381,7 +383,14 @@ class ModelWorker:
                 return False
         if self.prefixes is not None and self.prefixes.disk is not None:
             flushed = threading.Event()
-            self._inbox.put(lambda: (self.prefixes.flush(), self.replies.save(), flushed.set()))  # MLX: its thread
+
+            def flush() -> None:  # MLX: on the model's thread
+                assert self.prefixes is not None  # seen above; only that thread drops it, after its jobs
+                self.prefixes.flush()
+                self.replies.save()
+                flushed.set()
+
+            self._inbox.put(flush)
             if not flushed.wait(FLUSH_TIMEOUT_S):
                 log.warning("writing the prefix cache to disk took longer than %.0f s", FLUSH_TIMEOUT_S)
                 return False
@@ -450,19 +459,22 @@ class ModelWorker:
             self._on_status(f"failed: {self.load_error}")
             if self.lockstep is not None:
                 self._abort(self.load_error)
-        decoder = Decoder(self.model, self.tokenizer, timed=self.lockstep is None) if self.model else None
+        decoder = Decoder(self.model, self.tokenizer, timed=self.lockstep is None) \
+            if self.model and self.tokenizer else None
         self._decoder = decoder
         if self.model is not None:
-            self.prefixes = self._prefix_cache()
+            self.prefixes = self._prefix_cache(self.model)
         self.lifecycle.move_from((Phase.LOADING,), Phase.SERVING)
         while not self._drained() and not self.lifecycle.is_in(Phase.FINISHED):
             try:
                 if self.lockstep is not None:
-                    self._lockstep_turn(decoder)
+                    assert decoder is not None  # a rank whose model failed to load has ended (`_abort`)
+                    self._lockstep_turn(self.lockstep, decoder)
                 else:
                     self._take_inbox(block=not self._running and not self._queued)
                     self._admit(decoder)
                 if self._running:
+                    assert decoder is not None  # jobs run only with a model (`_admissions` ends them otherwise)
                     self._step(decoder)
                 else:
                     for idle in self._idle_waiters:
@@ -493,32 +505,33 @@ class ModelWorker:
         mx.clear_cache()
         self.lifecycle.move(Phase.UNLOADED)
 
-    def _abort(self, error: BaseException) -> None:
+    def _abort(self, error: BaseException) -> NoReturn:
         """End this rank's process with one line: the ranks can no longer take the same steps."""
+        assert self.lockstep is not None  # only ranks in lockstep abort
         rank = self.lockstep.group.rank()
         if not isinstance(error, QwenMLXError):
             log.error("rank %d failed", rank, exc_info=(type(error), error, error.__traceback__))
         print(f"qwen-mlx: error: [rank {rank}] {error}; stopping", file=sys.stderr, flush=True)
         os._exit(2)
 
-    def _lockstep_turn(self, decoder: Decoder) -> None:
+    def _lockstep_turn(self, lockstep: Lockstep, decoder: Decoder) -> None:
         """One turn of the loop as every rank takes it: rank 0's plan, shared, then acted on."""
         plan = None
-        if self.lockstep.leads:
+        if lockstep.leads:
             idle = not self._running and not self._queued
             # Idle, rank 0 still shares an (empty) plan every HEARTBEAT_S: a lost rank is noticed, not waited on.
             self._take_inbox(block=idle, timeout=HEARTBEAT_S if idle else None)
             plan = self._plan()
-        plan = self.lockstep.share(plan)
+        plan = lockstep.share(plan)
         for session in plan.forget:
-            self.prefixes.drop(self._entry_of.pop(session, None))
+            self._loaded_prefixes().drop(self._entry_of.pop(session, None))
         for uid in plan.cancel:
             if uid in self._by_uid:
                 self._by_uid[uid].cancel.set()
         for start in plan.start:
-            job = self._job_for(start)
+            job = self._job_for(lockstep, start)
             self._start(decoder, job, uid=start.uid)
-            if self.lockstep.leads:
+            if lockstep.leads:
                 self._left_queue(job)
         if plan.exit:
             self.lifecycle.move(Phase.FINISHED)
@@ -528,47 +541,51 @@ class ModelWorker:
         # Closing, rank 0 tells the others to exit once nothing runs (`close` waits for that).
         plan = Plan(forget=self._forgotten, exit=self.lifecycle.is_in(Phase.CLOSING) and not self._running)
         self._forgotten = []
-        plan.cancel = [r.uid for r in self._running.values() if r.job.cancelled.is_set() and not r.cancel.is_set()]
+        plan.cancel = [r.uid for r in self._running.values()
+                       if r.uid is not None and r.job.cancelled.is_set() and not r.cancel.is_set()]
         if plan.exit:
             return plan
         for job in self._admissions():
             uid = next(self._uids)
+            assert job.request is not None  # a queued job has its request (only one refused before has none)
             data = encode_request(job.request)
             job.request = replace(job.request, seed=data["seed"])
             self._admitted[uid] = job
             plan.start.append(Start(uid, job.session, data))
         return plan
 
-    def _job_for(self, start: Start) -> Job:
-        if self.lockstep.leads:
+    def _job_for(self, lockstep: Lockstep, start: Start) -> Job:
+        if lockstep.leads:
             return self._admitted.pop(start.uid)
         draft = self.options.get("draft_model")
         return Job(start.session, decode_request(start.request, draft), discard=True)
 
-    def _prefix_cache(self) -> PrefixCache:
+    def _prefix_cache(self, model: nn.Module) -> PrefixCache:
         if self.lockstep is not None:
             # Every rank's cache must keep and drop the same entries: rank 0's budget for all, in bytes every rank
             # counts alike (a stage's first layer times all the layers), and no disk tier (disks differ).
             plan = Plan(settings={"ram_bytes": self.tiers.ram_bytes}) if self.lockstep.leads else None
-            ram_bytes = self.lockstep.share(plan).settings["ram_bytes"]
-            layers = self.model.config.num_hidden_layers
-            return PrefixCache(self.model, self.cache_settings, ram_bytes,
+            settings = self.lockstep.share(plan).settings
+            assert settings is not None  # rank 0 sent them in this plan
+            ram_bytes = settings["ram_bytes"]
+            layers = model.config.num_hidden_layers
+            return PrefixCache(model, self.cache_settings, ram_bytes,
                                entry_bytes=lambda cache: cache.caches[0].nbytes * layers)
         disk = None
-        if self.tiers.folder is not None and self.tiers.disk_bytes > 0 and self.model.fingerprint:
+        if self.tiers.folder is not None and self.tiers.disk_bytes > 0 and model.fingerprint:
             tag = settings_tag(self.cache_settings)
-            if self.model.config.dynamic_rope_scaling is not None:
+            if model.config.dynamic_rope_scaling is not None:
                 # YaRN on demand: an entry's keys may be rotated with YaRN, which a model without it cannot read.
-                tag += f"-yarn{self.model.config.context_length}"
+                tag += f"-yarn{model.config.context_length}"
             try:
-                disk = DiskTier(self.tiers.folder / self.model.fingerprint / tag, self.model.fingerprint, tag,
+                disk = DiskTier(self.tiers.folder / model.fingerprint / tag, model.fingerprint, tag,
                                 self.tiers.disk_bytes)
                 self.replies = ReplyMemory(disk.folder.parent / "replies.json")
             except OSError as e:
                 log.warning("no disk tier for the prefix cache (%s): %s", self.tiers.folder, e)
             except Exception:  # a cache must never keep the model from serving: without it, and the bug logged
                 log.exception("no disk tier for the prefix cache (%s)", self.tiers.folder)
-        return PrefixCache(self.model, self.cache_settings, self.tiers.ram_bytes, disk)
+        return PrefixCache(model, self.cache_settings, self.tiers.ram_bytes, disk)
 
     def _take_inbox(self, block: bool, timeout: float | None = None) -> None:
         """Move submitted jobs to the queue and run errands; wait for one when there is nothing else to do."""
@@ -590,6 +607,7 @@ class ModelWorker:
 
     def _admit(self, decoder: Decoder | None) -> None:
         for job in self._admissions():
+            assert decoder is not None  # jobs start only with a model (`_admissions` ends them otherwise)
             self._start(decoder, job)
             self._left_queue(job)
 
@@ -624,18 +642,20 @@ class ModelWorker:
 
     def _start(self, decoder: Decoder, job: Job, uid: int | None = None) -> None:
         request = job.request
+        assert request is not None  # a queued job has its request (only one refused before has none)
         # Under lockstep the decoder sees a cancel only once every rank has it (`_lockstep_turn`).
         cancel = job.cancelled if uid is None else threading.Event()
         if not self._running:
             mx.reset_peak_memory()  # a reply's peak memory counts from when the model last went busy
-        cache = self.prefixes.acquire(request.prompt_ids)
+        prefixes = self._loaded_prefixes()
+        cache = prefixes.acquire(request.prompt_ids)
 
         def on_prefill(done: int, total: int) -> None:
             job.prefill = (done, total)
             if done == total - 1 and not cache.is_trimmable():
                 # A rotating cache that wrapped in this prompt cannot be trimmed back to it later: keep the
                 # prompt's state as a checkpoint, so regenerating this turn does not rebuild it from nothing.
-                self.prefixes.checkpoint(cache)
+                prefixes.checkpoint(cache)
 
         try:
             sequence = decoder.add(request, cache, cancel, on_prefill=on_prefill)
@@ -644,7 +664,7 @@ class ModelWorker:
             return
         if job.session is not None:
             self._busy_sessions.add(job.session)
-        reply = ReplyText(self.tokenizer, sequence, self.model.config.context_length)
+        reply = ReplyText(decoder.tokenizer, sequence, decoder.model.config.context_length)
         self._running[sequence] = running = Running(job, sequence, reply, cancel, uid)
         if uid is not None:
             self._by_uid[uid] = running
@@ -659,6 +679,7 @@ class ModelWorker:
             running = self._running[reply.sequence]
             if chunk.finish_reason == "error":
                 error = reply.sequence.error
+                assert error is not None  # set with finish "error" (`Decoder.fail`)
                 log.log(logging.INFO if isinstance(error, QwenMLXError) else logging.ERROR, "a generation failed",
                         exc_info=(type(error), error, error.__traceback__) if not isinstance(error, QwenMLXError)
                         else None)
@@ -677,11 +698,12 @@ class ModelWorker:
 
     def _stop(self, running: Running, error: BaseException | None = None) -> None:
         del self._running[running.sequence]
-        self._by_uid.pop(running.uid, None)
+        if running.uid is not None:
+            self._by_uid.pop(running.uid, None)
         session = running.job.session
         self._busy_sessions.discard(session)
         if error is None:  # a failed one may hold a half-written step: not kept
-            self.prefixes.release(running.sequence.cache)
+            self._loaded_prefixes().release(running.sequence.cache)
             if session is not None:
                 self._entry_of[session] = running.sequence.cache
         if not self._running:
@@ -692,6 +714,12 @@ class ModelWorker:
             self._end(running.job, error)
         else:
             running.job.done.set()
+
+    def _loaded_prefixes(self) -> PrefixCache:
+        """The prefix cache, which jobs on the thread always have: it is made with the model, and dropped only
+        once they have ended."""
+        assert self.prefixes is not None
+        return self.prefixes
 
     def _fail_all(self, decoder: Decoder | None, error: QwenMLXError) -> None:
         if decoder is not None:
