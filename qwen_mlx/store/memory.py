@@ -201,7 +201,8 @@ def plan_from_tensors(config: ModelConfig, tensors: dict[str, dict[str, Any]], c
             parameters += math.prod(t["shape"]) * 32 // layer_bits(config, layer)
         elif not is_quantized_part:
             parameters += math.prod(t["shape"])
-    scale_dtypes = [HEADER_DTYPES.get(tensors[f"{q}.scales"]["dtype"]) for q in quantized]
+    scale_dtypes = [HEADER_DTYPES[kind] for q in quantized
+                    if (kind := tensors[f"{q}.scales"]["dtype"]) in HEADER_DTYPES]
     dtype = max(set(scale_dtypes or floats), key=(scale_dtypes or floats).count) if (scale_dtypes or floats) \
         else "float32"
     return make_plan(config, weights, parameters, dtype, cpu)
@@ -252,9 +253,10 @@ def plan_for_config(config: ModelConfig, dtype: str = "bfloat16", cpu: bool | No
     weights = parameters = 0
     for path, rows, cols in matrices(config):
         parameters += rows * cols
-        own = block.get(path, {}) if block else False
-        if block and own is not False and cols % int((own or block).get("group_size", 64)) == 0:
-            b, g = int((own or block)["bits"]), int((own or block)["group_size"])
+        own = block.get(path, {})  # the layer's own settings; False: left unquantized
+        settings = own or block
+        if block and own is not False and cols % int(settings.get("group_size", 64)) == 0:
+            b, g = int(settings["bits"]), int(settings["group_size"])
             weights += rows * cols * b // 8 + rows * (cols // g) * 2 * f
         else:
             weights += rows * cols * (4 if cpu and block else f)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -73,7 +74,7 @@ def _ties_embeddings(model: nn.Module) -> bool:
 
 
 def _match_layer_bits(
-    quantizable: dict[str, nn.Module], layer_bits: dict[str, int], tied: bool
+    quantizable: Mapping[str, nn.Module], layer_bits: dict[str, int], tied: bool
 ) -> dict[str, int]:
     """Layer path → bits for the names in `layer_bits`; a name matching no layer is a typo, not a no-op."""
     per_layer: dict[str, int] = {}
@@ -98,6 +99,7 @@ def dequantize_model(model: nn.Module) -> None:
         weight = mx.dequantize(
             module.weight, module.scales, module.get("biases"), module.group_size, module.bits, module.mode
         )
+        layer: nn.Linear | nn.Embedding
         if isinstance(module, nn.QuantizedLinear):
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
             if "bias" in module:
@@ -113,11 +115,13 @@ def dequantize_model(model: nn.Module) -> None:
 def parameter_count(model: nn.Module) -> int:
     """The number of weights the model stands for, a quantized matrix counted unpacked (as mlx-lm counts)."""
     total = 0
-    for _, leaf in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+    # tree_flatten's stub covers its `destination` modes too; without one it returns (name, leaf) pairs.
+    leaves = cast(list[tuple[str, nn.Module]], tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    for _, leaf in leaves:
         if isinstance(leaf, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             total += leaf.weight.size * 32 // leaf.bits + (leaf.bias.size if "bias" in leaf else 0)
         else:
-            total += sum(v.size for _, v in tree_flatten(leaf.parameters()))
+            total += sum(v.size for _, v in cast(list[tuple[str, mx.array]], tree_flatten(leaf.parameters())))
     return total
 
 

@@ -11,7 +11,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -87,7 +87,8 @@ def random_shape(name: str) -> dict[str, Any]:
 def write_random_qwen2(folder: Path, config: dict[str, Any], seed: int = 0) -> None:
     """config.json and model.safetensors of a Qwen2 with random weights (float16)."""
     model = Qwen2(ModelConfig.from_dict(config))
-    params = tree_flatten(model.parameters())
+    # tree_flatten's stub covers its `destination` modes too; without one it returns (name, array) pairs.
+    params = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
     keys = mx.random.split(mx.random.key(seed), len(params))
     # Matrices wider than nn.Linear's init, so different prompts lead to visibly different (still meaningless)
     # replies; norms and biases keep their init.

@@ -7,7 +7,7 @@ import json
 import logging
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -126,7 +126,8 @@ def load_weights(folder: Path) -> tuple[dict[str, mx.array], dict[str, Path]]:
     for path in weight_files(folder):
         check_safetensors(path)
         try:
-            tensors = mx.load(str(path), format="safetensors")
+            # mx.load's stub gives one return type for all formats; a safetensors file is a dict of arrays.
+            tensors = cast(dict[str, mx.array], mx.load(str(path), format="safetensors"))
         except (RuntimeError, ValueError, OSError) as e:
             raise QwenMLXError(f"{path}: cannot read ({e}); re-download it") from None
         weights.update(tensors)
