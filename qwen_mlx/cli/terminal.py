@@ -211,6 +211,7 @@ def stream_reply(model: nn.Module, tokenizer: Tokenizer, messages: list[dict[str
         finally:
             progress.close()
     print(flush=True)
+    assert stats is not None  # the last chunk of a reply carries its statistics
     return "".join(parts), stats
 
 
@@ -233,10 +234,12 @@ def stream_worker_reply(worker: ModelWorker, messages: list[dict[str, Any]],
     try:
         while True:
             chunk = job.get()
+            assert chunk is not None  # without a timeout, `get` waits for the next chunk
             print(chunk.text, end="", flush=True)
             parts.append(chunk.text)
             if chunk.finish_reason is not None:
                 print(flush=True)
+                assert chunk.stats is not None  # a reply that ran (not one cancelled in the queue) has them
                 return "".join(parts), chunk.stats
     except KeyboardInterrupt:
         job.cancel()

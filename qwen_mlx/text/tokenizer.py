@@ -8,7 +8,7 @@ import re
 import secrets
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from tokenizers import Tokenizer as BackendTokenizer
 
@@ -46,7 +46,7 @@ class Tokenizer:
         backend: BackendTokenizer,
         chat_template: str | None = None,
         eos_token_ids: list[int] | None = None,
-        special_tokens_map: dict[str, str] | None = None,
+        special_tokens_map: dict[str, str | None] | None = None,  # None: a token given without its content
     ):
         self.backend = backend
         self.chat_template = chat_template
@@ -112,6 +112,34 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        tokenize: Literal[False] = False,
+    ) -> str: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: Literal[True],
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+    ) -> str | list[int]: ...
 
     def apply_chat_template(
         self,
