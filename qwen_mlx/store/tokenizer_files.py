@@ -82,11 +82,8 @@ def _byte_level(token: bytes) -> str:
     return "".join(BYTE_ENCODER[b] for b in token)
 
 
-def build_qwen_tokenizer(ranks: dict[bytes, int], added_tokens_decoder: dict[str, dict]) -> BackendTokenizer:
-    """Qwen2's tokenizer pipeline over `ranks`, with the added tokens of a tokenizer_config.json at their ids."""
-    vocab = {_byte_level(token): rank for token, rank in ranks.items()}
-    merges = [(_byte_level(a), _byte_level(b)) for a, b in bpe_merges(ranks)]
-    tokenizer = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
+def qwen_tokenizer_pipeline(tokenizer: BackendTokenizer) -> BackendTokenizer:
+    """Qwen2's tokenizer.json around a byte-level BPE model: normalizer, pre-tokenizer, post-processor, decoder."""
     # NFC as the official tokenizer.json: text that is already NFC (nearly all) encodes exactly as tiktoken.
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -95,6 +92,15 @@ def build_qwen_tokenizer(ranks: dict[bytes, int], added_tokens_decoder: dict[str
     ])
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def build_qwen_tokenizer(ranks: dict[bytes, int], added_tokens_decoder: dict[str, dict]) -> BackendTokenizer:
+    """Qwen2's tokenizer pipeline over `ranks`, with the added tokens of a tokenizer_config.json at their ids."""
+    vocab = {_byte_level(token): rank for token, rank in ranks.items()}
+    merges = [(_byte_level(a), _byte_level(b)) for a, b in bpe_merges(ranks)]
+    tokenizer = qwen_tokenizer_pipeline(
+        BackendTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False)))
     # Added ids follow the vocab: adding the tokens in id order gives each its id, checked below.
     for id_, spec in sorted(added_tokens_decoder.items(), key=lambda item: int(item[0])):
         token = AddedToken(

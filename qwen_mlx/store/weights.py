@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -229,7 +231,16 @@ def write_fingerprint_index(index: Path, known: dict[str, Any]) -> None:
         log.warning("could not remember the weights' digests in %s: %s", index, e)
 
 
-def plan_shards(weights: dict[str, mx.array], max_shard_bytes: int) -> list[list[str]]:
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor made only when its shard is written, its size known before: a GGUF import converts each tensor
+    there, so memory holds one shard's tensors, never the whole model."""
+
+    nbytes: int
+    make: Callable[[], mx.array]
+
+
+def plan_shards(weights: dict[str, mx.array] | dict[str, Deferred], max_shard_bytes: int) -> list[list[str]]:
     """Tensor names per shard, in order; a tensor over the limit gets a shard of its own (as in mlx-lm)."""
     shards: list[list[str]] = []
     size = 0
@@ -242,7 +253,7 @@ def plan_shards(weights: dict[str, mx.array], max_shard_bytes: int) -> list[list
     return shards
 
 
-def write_weights(folder: Path, weights: dict[str, mx.array], parameters: int,
+def write_weights(folder: Path, weights: dict[str, mx.array] | dict[str, Deferred], parameters: int,
                   max_shard_bytes: int = MAX_SHARD_BYTES, desc: str = "Converting") -> None:
     """Evaluate and write the tensors shard by shard, with a progress bar; consumes `weights`."""
     shards = plan_shards(weights, max_shard_bytes)
@@ -258,6 +269,8 @@ def write_weights(folder: Path, weights: dict[str, mx.array], parameters: int,
             for name in names:
                 bar.set_postfix_str(name, refresh=False)
                 array = weights.pop(name)
+                if isinstance(array, Deferred):
+                    array = array.make()
                 mx.eval(array)
                 shard[name] = array
                 bar.update(array.nbytes)
