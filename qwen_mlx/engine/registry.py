@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
+import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from qwen_mlx.engine.lifecycle import Phase
@@ -168,7 +170,11 @@ class ModelRegistry:
             with self._cond:
                 if entry.loaded_at is None:
                     entry.load_seconds = time.monotonic() - entry.started
-                    entry.size = sum(a.nbytes for _, a in tree_flatten(entry.worker.model.parameters()))
+                    model = entry.worker.model
+                    assert model is not None  # loaded without error, and claimed (`pending`): not unloaded
+                    # tree_flatten's stub covers its `destination` modes too; without one it returns pairs.
+                    parameters = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+                    entry.size = sum(a.nbytes for _, a in parameters)
                     entry.loaded_at = time.time()
         return entry
 

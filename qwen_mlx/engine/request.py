@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import jinja2
 import mlx.nn as nn
@@ -66,7 +66,7 @@ class GenerationRequest:
     speculation: SpeculationSettings | None = None
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -101,7 +101,7 @@ def prepare_request(
     response_format: dict[str, Any] | None = None,
     grammar: str | None = None,
     logprobs: int | None = None,
-    draft_model: Any = None,
+    draft_model: DraftModel | tuple[nn.Module, Tokenizer] | None = None,
     num_draft_tokens: int | None = None,
     prompt_lookup: int | None = None,
     prediction: str | Sequence[int] | None = None,
@@ -147,19 +147,22 @@ def prepare_request(
     )
 
 
-def speculation_settings(tokenizer: Tokenizer, draft_model: Any, num_draft_tokens: int | None,
-                         prompt_lookup: int | None,
+def speculation_settings(tokenizer: Tokenizer | None,
+                         draft_model: DraftModel | tuple[nn.Module, Tokenizer] | None,
+                         num_draft_tokens: int | None, prompt_lookup: int | None,
                          prediction: str | Sequence[int] | None) -> SpeculationSettings | None:
-    """The request's draft sources, checked (None: plain decoding)."""
+    """The request's draft sources, checked (None: plain decoding). Without a `tokenizer` (flags checked before
+    the model loads) only the numbers are: a prediction's text and a draft model need the model's tokenizer."""
     if num_draft_tokens is not None:
         check_int("num_draft_tokens", num_draft_tokens, 1, MAX_DRAFT_TOKENS)
     if prompt_lookup is not None:
         check_int("prompt_lookup", prompt_lookup, 1, MAX_DRAFT_TOKENS)
     if isinstance(prediction, str):
         check_text("prediction", prediction, "prediction")
+        assert tokenizer is not None  # see the docstring
         predicted = tuple(tokenizer.encode(prediction)) if prediction else None
     elif isinstance(prediction, Sequence) and all(is_int(t) for t in prediction):
-        predicted = tuple(prediction) or None
+        predicted = tuple(cast(Sequence[int], prediction)) or None  # mypy re-adds str on isinstance(, Sequence)
     elif prediction is None:
         predicted = None
     else:
@@ -167,6 +170,7 @@ def speculation_settings(tokenizer: Tokenizer, draft_model: Any, num_draft_token
                            f"{type(prediction).__name__}", "prediction")
     draft = DraftModel.of(draft_model) if draft_model is not None else None
     if draft is not None:
+        assert tokenizer is not None  # see the docstring
         check_draft_tokenizer(draft.tokenizer, tokenizer)
     if draft is None and prompt_lookup is None and predicted is None:
         return None
@@ -237,20 +241,22 @@ def encode_prompt(
     if not items:
         raise QwenMLXError("the prompt is empty", "prompt")
     if all(isinstance(m, dict) for m in items):
-        for i, m in enumerate(items):
+        messages = cast(list[dict[str, Any]], items)
+        for i, m in enumerate(messages):
             check_message(i, m)
-        check_nesting("messages", items)
+        check_nesting("messages", messages)
         if tools:
             check_text("tools", json.dumps(tools, ensure_ascii=False), "tools")
         try:
-            return tokenizer.apply_chat_template(items, tools=tools, add_generation_prompt=True, tokenize=True)
+            return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
         except jinja2.TemplateError as e:  # the model's own template refusing them (a bad role order, say)
             raise QwenMLXError(f"the chat template cannot render these messages: {e}", "messages") from None
     if all(is_int(t) for t in items):
-        bad = [t for t in items if not 0 <= t < vocab_size]
+        ids = cast(list[int], items)
+        bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise QwenMLXError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
-        return items
+        return ids
     raise QwenMLXError("the prompt must be a string, a list of chat messages (dicts) or a list of token ids",
                        "prompt")
 

@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -315,8 +315,8 @@ class DraftModel:
     tokenizer: Tokenizer
 
     @classmethod
-    def of(cls, value: Any) -> DraftModel:
-        """A DraftModel from what `load_draft` or `load` returned."""
+    def of(cls, value: object) -> DraftModel:
+        """A DraftModel from what `load_draft` or `load` returned (checked: untyped callers may pass anything)."""
         if isinstance(value, DraftModel):
             return value
         if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Tokenizer):
