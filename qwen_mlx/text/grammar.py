@@ -12,7 +12,7 @@ import json
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import mlx.core as mx
@@ -23,9 +23,12 @@ from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.text.tokenizer import Tokenizer
 from qwen_mlx.text.tool_calls import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # a TypedDict of the stub only: llguidance exports no such name
+
 # JSON as Qwen writes it (and as json.dumps does): one space after ':' and ','; no other whitespace, so a
 # model cannot pad its way past max_tokens. A schema's own "x-guidance" options still override these.
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _ll_tokenizers: weakref.WeakKeyDictionary[Tokenizer, dict[int, llguidance.LLTokenizer]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
