@@ -235,7 +235,7 @@ def write_gguf_weights(reader: gguf.GGUFReader, folder: Path, dtype: mx.Dtype | 
                        kept, requantized, dtype)
 
 
-def deferred_tensors(t: Any, dtype: mx.Dtype | None, errors: dict[str, float]) -> dict[str, Deferred]:
+def deferred_tensors(t: gguf.ReaderTensor, dtype: mx.Dtype | None, errors: dict[str, float]) -> dict[str, Deferred]:
     """The output tensors of GGUF tensor `t`, each made when written; a quantized one's weight, scales and biases
     come from one conversion, made at the first of them and handed out once each."""
     name = hf_name(t.name)
@@ -270,7 +270,7 @@ def deferred_tensors(t: Any, dtype: mx.Dtype | None, errors: dict[str, float]) -
     }
 
 
-def float_tensor(t: Any, shape: tuple[int, ...], dtype: mx.Dtype | None) -> mx.array:
+def float_tensor(t: gguf.ReaderTensor, shape: tuple[int, ...], dtype: mx.Dtype | None) -> mx.array:
     """A tensor in full precision: a float one as stored (BF16's bits moved as they are, numpy has no bfloat16),
     a quantized one dequantized by gguf; cast to `dtype` when given."""
     raw = np.asarray(t.data)
