@@ -85,8 +85,8 @@ def make_plan(args: argparse.Namespace) -> tuple[MemoryPlan, str]:
 
 def describe(plan: MemoryPlan, budget: Budget, chunk: int, sampling: SamplingParams) -> list[str]:
     c = plan.config
-    switch = c.yarn_switch
-    rope = (f"YaRN on demand past {switch} (factor {c.dynamic_rope_scaling['factor']:g})" if switch else
+    switch, scaling = c.yarn_switch, c.dynamic_rope_scaling  # a switch only with YaRN on demand's scaling
+    rope = (f"YaRN on demand past {switch} (factor {scaling['factor']:g})" if switch and scaling else
             "static YaRN (config.json's rope_scaling)" if c.rope_scaling else "plain RoPE")
     lines = [
         f"parameters      {plan.parameters / 1e9:.2f} B",
