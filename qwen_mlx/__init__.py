@@ -3,6 +3,7 @@
 # First, before anything imports mlx.core: on Linux this loads an optimized BLAS (OpenBLAS) globally, which MLX
 # binds only if it is already there when libmlx loads (qwen_mlx/blas.py says why).
 from qwen_mlx import blas  # noqa: F401 (imported for what loading it does; keep it first)
+from qwen_mlx.engine.evaluate import EvalResult, evaluate
 from qwen_mlx.engine.generate import (
     GenerationChunk,
     GenerationResult,
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "CacheSettings",
     "DraftModel",
+    "EvalResult",
     "GenerationChunk",
     "GenerationRequest",
     "GenerationResult",
@@ -48,6 +50,7 @@ __all__ = [
     "ToolCall",
     "batch_generate",
     "convert",
+    "evaluate",
     "generate",
     "load",
     "load_draft",

@@ -172,7 +172,11 @@ class Qwen2(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, ids: mx.array, cache: Sequence[LayerCache] | None = None) -> mx.array:
-        h = self.model(ids, cache)
+        return self.logits(self.model(ids, cache))
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The output projection of hidden states `h` (the last norm's output): apart from the network, so an
+        evaluation can project a few positions at a time instead of a whole window's (positions x vocabulary)."""
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
