@@ -126,13 +126,13 @@ def test_convert_holds_only_its_command() -> None:
 
 
 def test_every_subcommand_has_one_home_with_the_same_two_functions() -> None:
-    assert len({c.__name__ for c in COMMANDS}) == len(COMMANDS) == 12
+    assert len({c.__name__ for c in COMMANDS}) == len(COMMANDS) == 13
     for command in COMMANDS:
         assert callable(command.add_parser) and callable(command.run), command.__name__
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert sorted(sub.choices) == sorted(["generate", "chat", "cache-prompt", "convert", "webui", "serve", "bench",
-                                          "info", "pull", "list", "ls", "rm", "run"])
+                                          "eval", "info", "pull", "list", "ls", "rm", "run"])
     for name, sub_parser in sub.choices.items():
         assert sub_parser.get_default("func").__module__ in {c.__name__ for c in COMMANDS}, name
 

@@ -8,11 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from qwen_mlx.cli import bench, cache_prompt, chat, generate, info, listing, pull, remove, run, serve
+from qwen_mlx.cli import eval as eval_command  # the module: plain `eval` would hide the builtin here
 from qwen_mlx.converter import cli as convert
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.webui import cli as webui
 
-COMMANDS = (generate, chat, cache_prompt, convert, webui, serve, bench, info, pull, listing, remove, run)
+COMMANDS = (generate, chat, cache_prompt, convert, webui, serve, bench, eval_command, info, pull, listing, remove, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
