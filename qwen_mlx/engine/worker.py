@@ -136,7 +136,7 @@ class Job:
     started: threading.Event = field(default_factory=threading.Event)  # set once it has a row (it is decoding)
     prefill: tuple[int, int] | None = None  # (prompt tokens computed, to compute) while its prompt is prefilled
     done: threading.Event = field(default_factory=threading.Event)  # set once the last item is queued
-    notify: Callable[[], None] | None = None  # called (on the worker's thread) after each item is queued
+    notify: Callable[[], object] | None = None  # called (on the worker's thread) after each item is queued
     discard: bool = False  # a following rank's copy of rank 0's job: its output goes nowhere
 
     def put(self, item: GenerationChunk | BaseException) -> None:
@@ -317,7 +317,7 @@ class ModelWorker:
                 self._token_times.popleft()
             return len(self._token_times) / RATE_WINDOW_S
 
-    def submit(self, session: str | None, prompt: Prompt, *, notify: Callable[[], None] | None = None,
+    def submit(self, session: str | None, prompt: Prompt, *, notify: Callable[[], object] | None = None,
                **options: Any) -> Job:
         """Queue a reply to `prompt` in `session` (`stream_generate`'s options); read its chunks with `job.get()`,
         or when `notify` says one is there (an event loop's way of waiting). A bad request's error is the job's
@@ -337,7 +337,7 @@ class ModelWorker:
         return self.submit_request(session, request, notify=notify)
 
     def submit_request(self, session: str | None, request: GenerationRequest, *,
-                       notify: Callable[[], None] | None = None) -> Job:
+                       notify: Callable[[], object] | None = None) -> Job:
         """Queue a request already checked (`prepare_request`); raises `WorkerBusy` when the queue is full."""
         if self.lifecycle.is_in(Phase.DRAINING, Phase.UNLOADED):
             raise WorkerBusy("the model was unloaded; send the request again to load it")

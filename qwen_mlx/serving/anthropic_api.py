@@ -289,9 +289,10 @@ class AnthropicReply:
         self.open: int | None = None  # index of the block being streamed
 
     def start(self, prompt_tokens: int) -> list[tuple[str, dict[str, Any]]]:
-        message = {"id": self.request.id, "type": "message", "role": "assistant", "model": self.request.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}
+        message: dict[str, Any] = {
+            "id": self.request.id, "type": "message", "role": "assistant", "model": self.request.model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}
         return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
 
     def add(self, chunk: GenerationChunk) -> list[tuple[str, dict[str, Any]]]:
@@ -342,20 +343,25 @@ class AnthropicReply:
         events = []
         if self.open is None or self.blocks[self.open]["type"] != "text":
             events += self._open({"type": "text", "text": ""})
-        self.blocks[self.open]["text"] += text
+        self._current()["text"] += text
         return [*events, ("content_block_delta", {"type": "content_block_delta", "index": self.open,
                                                   "delta": {"type": "text_delta", "text": text}})]
 
     def _open_tool(self, name: str) -> list[tuple[str, dict[str, Any]]]:
         block_id = f"toolu_{self.request.id[4:]}_{len(self.blocks)}"
         events = self._open({"type": "tool_use", "id": block_id, "name": name, "input": {}})
-        self.blocks[self.open]["json"] = ""
+        self._current()["json"] = ""
         return events
 
     def _input(self, piece: str) -> list[tuple[str, dict[str, Any]]]:
-        self.blocks[self.open]["json"] += piece
+        self._current()["json"] += piece
         return [("content_block_delta", {"type": "content_block_delta", "index": self.open,
                                          "delta": {"type": "input_json_delta", "partial_json": piece}})]
+
+    def _current(self) -> dict[str, Any]:
+        """The block being streamed (`_open` started it)."""
+        assert self.open is not None
+        return self.blocks[self.open]
 
     def _open(self, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         """Start a block, closing the one before (blocks never overlap)."""

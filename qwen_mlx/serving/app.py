@@ -220,6 +220,7 @@ class Endpoints:
     @staticmethod
     def served(entry: LoadedModel) -> ServedModel:
         worker = entry.worker
+        assert worker.model is not None and worker.tokenizer is not None  # `acquire` gives a model loaded well
         return ServedModel(entry.name, worker.model, worker.tokenizer, worker.options, worker.replies)
 
     async def start(self, body: Any, parse: Callable[[Any, ServedModel], Any],

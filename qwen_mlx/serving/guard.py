@@ -119,7 +119,8 @@ def host_name(host: str) -> str:
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole body, or None as soon as it grows past `limit` bytes (a body without a length is read this way)."""
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

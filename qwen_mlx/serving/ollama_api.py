@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NoReturn
 
 import mlx.core as mx
 
@@ -194,7 +194,7 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _fail(message: str) -> Any:
+def _fail(message: str) -> NoReturn:
     raise APIError(400, message, "messages")
 
 

@@ -199,7 +199,7 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in OPENAI_ROLES:
             raise APIError(400, f"messages[{i}] needs a role: one of {', '.join(sorted(OPENAI_ROLES))}", "messages")
-        message = {"role": OPENAI_ROLES[m["role"]], "content": _text(m.get("content"), i)}
+        message: dict[str, Any] = {"role": OPENAI_ROLES[m["role"]], "content": _text(m.get("content"), i)}
         calls = m.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):
@@ -413,10 +413,11 @@ class ResponseBuilder:
         return f"call_{self.request.id[:16]}_{index}"
 
     def _logprob(self, chunk: GenerationChunk) -> dict[str, Any]:
-        def entry(token: int, logprob: float) -> dict[str, Any]:
+        def entry(token: int, logprob: float | None) -> dict[str, Any]:
             data = self.model.tokenizer.token_bytes[token] if token < len(self.model.tokenizer.token_bytes) else b""
             return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
 
+        assert chunk.token is not None  # `add` asks only for a token's chunk
         return {**entry(chunk.token, chunk.logprob),
                 "top_logprobs": [entry(t, lp) for t, lp in chunk.top_logprobs or []]}
 
