@@ -23,10 +23,10 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial, wraps
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import mlx.core as mx
 from starlette.applications import Starlette
@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from qwen_mlx.engine.generate import GenerationChunk
 from qwen_mlx.engine.registry import LoadedModel, ModelNotFound, ModelRegistry, ModelsBusy, keep_alive_seconds
-from qwen_mlx.engine.request import check_nesting
+from qwen_mlx.engine.request import GenerationRequest, check_nesting
 from qwen_mlx.engine.worker import Job, WorkerBusy
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.generation_config import SamplingParams
@@ -58,6 +58,26 @@ PULL_REPORT_S = 0.25  # most often a streamed /api/pull reports progress
 
 Handler = Callable[[HTTPRequest], Awaitable[Response]]
 ErrorShape = Callable[[APIError], JSONResponse]
+Payload_co = TypeVar("Payload_co", covariant=True)
+
+
+class ParsedRequest(Protocol):
+    """What every API's parser makes of a body: its own fields, and the checked generation request."""
+
+    @property
+    def generation(self) -> GenerationRequest: ...
+
+
+ParsedT = TypeVar("ParsedT", bound=ParsedRequest)
+
+
+class ReplyBuilder(Protocol[Payload_co]):
+    """An API's reply from a job's chunks: each chunk's stream payloads (`add`), then the last chunk's and the
+    whole reply (`finish`)."""
+
+    def add(self, chunk: GenerationChunk) -> Sequence[Payload_co]: ...
+
+    def finish(self, last: GenerationChunk) -> tuple[Sequence[Payload_co], dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -223,8 +243,8 @@ class Endpoints:
         assert worker.model is not None and worker.tokenizer is not None  # `acquire` gives a model loaded well
         return ServedModel(entry.name, worker.model, worker.tokenizer, worker.options, worker.replies)
 
-    async def start(self, body: Any, parse: Callable[[Any, ServedModel], Any],
-                    keep_alive: float | None | str = "default") -> tuple[LoadedModel, Any, Job, asyncio.Event]:
+    async def start(self, body: Any, parse: Callable[[Any, ServedModel], ParsedT],
+                    keep_alive: float | None | str = "default") -> tuple[LoadedModel, ParsedT, Job, asyncio.Event]:
         """Acquire the body's model, check the request against it, submit its job; the model is released once the
         job is with the worker (whose queue then keeps the model loaded)."""
         if not isinstance(body, dict):
@@ -493,7 +513,8 @@ async def job_chunks(job: Job, wake: asyncio.Event) -> AsyncIterator[GenerationC
             return
 
 
-async def whole_reply(request: HTTPRequest, job: Job, wake: asyncio.Event, reply: Any) -> dict[str, Any]:
+async def whole_reply(request: HTTPRequest, job: Job, wake: asyncio.Event,
+                      reply: ReplyBuilder[object]) -> dict[str, Any]:
     """A non-streamed reply (`reply`: an API's builder, with `add` and `finish`), cancelled if the client goes."""
     watcher = asyncio.create_task(cancel_on_disconnect(request, job))
     try:
@@ -523,7 +544,8 @@ def anthropic_error_event(error: APIError) -> tuple[str, dict[str, Any]]:
     return "error", anthropic_api.error_body(error.status, error.message)
 
 
-async def named_events(job: Job, wake: asyncio.Event, reply: Any, opening: list[tuple[str, dict[str, Any]]],
+async def named_events(job: Job, wake: asyncio.Event, reply: ReplyBuilder[tuple[str, dict[str, Any]]],
+                       opening: list[tuple[str, dict[str, Any]]],
                        error_event: Callable[[APIError], tuple[str, dict[str, Any]]]) -> AsyncIterator[str]:
     """Server-sent events with names, as Anthropic's and OpenAI's Responses API send them (`reply`: the API's
     builder; `opening`: its first events); an error mid-stream is the API's own error event."""
