@@ -10,7 +10,7 @@ from hf_models import save_tiny_qwen2
 
 import qwen_mlx
 from qwen_mlx import QwenMLXError
-from qwen_mlx.engine.worker import Job, ModelWorker
+from qwen_mlx.engine.worker import Job, ModelWorker, WorkerBusy
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +189,8 @@ def test_the_counters_keep_growing_across_an_unload_and_a_reload(folder: Path) -
         drain(worker.submit(None, "one two", temperature=0, max_tokens=5))
         assert (counters.generated_tokens, counters.decode_passes) == (5, 5)
         assert worker.unload(60)
+        with pytest.raises(WorkerBusy, match="unloaded"):  # a clear refusal, not a model that is not there
+            worker.submit(None, "five", max_tokens=1)
         worker.reload(lambda: qwen_mlx.load(folder))
         drain(worker.submit(None, "three four", temperature=0, max_tokens=3))
         assert (counters.generated_tokens, counters.decode_passes) == (8, 8)

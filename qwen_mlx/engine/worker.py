@@ -323,10 +323,12 @@ class ModelWorker:
         or when `notify` says one is there (an event loop's way of waiting). A bad request's error is the job's
         first item."""
         self.wait_loaded()
+        if self.lifecycle.is_in(Phase.DRAINING, Phase.UNLOADED):
+            raise WorkerBusy("the model was unloaded; send the request again to load it")
         try:
             if self.load_error is not None:
                 raise self.load_error
-            # Loaded: `wait_loaded` returned and the load did not fail (an unloaded worker, UNLOADED, has no model).
+            # Loaded: `wait_loaded` returned, the load did not fail and no unload has dropped the model.
             assert self.model is not None and self.tokenizer is not None
             request = prepare_request(self.model, self.tokenizer, prompt, **{**self.options, **options})
         except QwenMLXError as e:
