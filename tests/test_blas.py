@@ -126,6 +126,6 @@ def test_model_logits_agree_with_the_reference_blas(probe: Callable[..., Any]) -
     assert (fast["logits"].argmax(-1) == reference["logits"].argmax(-1)).all()
 
 
-def test_mlx_imported_first_is_reported_as_too_late(default: dict[str, Any]) -> None:
+def test_mlx_imported_first_is_reported_as_too_late() -> None:
     late = python("import mlx.core\n" + ASK)
     assert late["name"] == REFERENCE and not late["in_time"] and "import qwen_mlx first" in late["note"]
