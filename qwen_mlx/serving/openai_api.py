@@ -24,6 +24,7 @@ from qwen_mlx.serving.protocol import (
     ServedModel,
     ToolChoice,
     checked_text,
+    known_fields,
     prepare_chat,
     prepare_prompt,
 )
@@ -128,12 +129,7 @@ def _max_tokens(body: dict[str, Any], name: str) -> int | None:
 def _check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
     """The body's fields, nulls dropped (null means absent, as for OpenAI); unknown ones and values we cannot
     honour are refused by name."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    for name in body:
-        if name not in allowed:
-            raise APIError(400, f"parameter '{name}' is not supported by this server", name, "unsupported_parameter")
-    body = {k: v for k, v in body.items() if v is not None}
+    body = known_fields(body, allowed)
     # Accepted only at the value that means "off", since that is all we do.
     for name, off in (("n", 1), ("presence_penalty", 0), ("frequency_penalty", 0), ("logit_bias", {})):
         if body.get(name, off) != off:

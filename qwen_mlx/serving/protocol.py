@@ -52,6 +52,17 @@ class ServedModel:
         return int(self.model.config.context_length)
 
 
+def known_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+    """The body's fields with nulls dropped (null means absent, as for OpenAI); a field this server does not know
+    is a 400 naming it, never silently ignored (OpenAI's wording, which its clients show as is)."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    for name in body:
+        if name not in allowed:
+            raise APIError(400, f"parameter '{name}' is not supported by this server", name, "unsupported_parameter")
+    return {k: v for k, v in body.items() if v is not None}
+
+
 def checked_text(field_name: str, text: str, what: str | None = None) -> str:
     """`text` as a request gave it in `field_name` (`what`: where in it, for the message), once
     `request.check_text` has passed it (else a 400)."""

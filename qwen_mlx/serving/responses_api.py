@@ -32,6 +32,7 @@ from qwen_mlx.serving.protocol import (
     ServedModel,
     ToolChoice,
     checked_text,
+    known_fields,
     prepare_chat,
 )
 from qwen_mlx.text.tool_calls import CallPiece, tool_names
@@ -159,12 +160,7 @@ def parse_request(body: Any, served: ServedModel, store: ResponseStore) -> Respo
 def _checked_fields(body: Any) -> dict[str, Any]:
     """The body's fields, nulls dropped (null means absent, as for OpenAI); unknown ones and values qwen-mlx
     cannot honour are refused by name."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    for name in body:
-        if name not in FIELDS:
-            raise APIError(400, f"parameter '{name}' is not supported by this server", name, "unsupported_parameter")
-    body = {k: v for k, v in body.items() if v is not None}
+    body = known_fields(body, FIELDS)
     for name, allowed in OFF_VALUES.items():
         if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in allowed):
             raise APIError(400, f"parameter '{name}' = {body[name]!r} is not supported by this server (only "
