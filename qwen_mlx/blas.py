@@ -47,6 +47,11 @@ class Blas:
     in_time: bool = True
     note: str = ""
 
+    @property
+    def optimized(self) -> bool:
+        """Whether float matmuls run on an optimized BLAS (not the reference one, ~40x slower)."""
+        return self.name != REFERENCE
+
     def describe(self) -> str:
         """One line for `qwen-mlx info` and `bench`."""
         where = f" ({self.path})" if self.path else ""
@@ -150,3 +155,18 @@ _IN_USE = load()
 def in_use() -> Blas:
     """The BLAS MLX's float matmuls run on in this process (decided when qwen_mlx was first imported)."""
     return _IN_USE
+
+
+def set_threads(count: int) -> bool:
+    """Run OpenBLAS's matmuls on `count` threads from now on (openblas_set_num_threads); False where MLX's BLAS is
+    not OpenBLAS. Float matmuls split across streams, one per core, want 1: more would oversubscribe the cores."""
+    path = in_use().path
+    if path is None:
+        return False
+    try:
+        setter = ctypes.CDLL(path).openblas_set_num_threads
+    except (OSError, AttributeError):
+        return False
+    setter.argtypes = [ctypes.c_int]
+    setter(count)
+    return True

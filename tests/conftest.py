@@ -42,6 +42,18 @@ def qwen_mlx_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["QWEN_MLX_HOME"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_weights_as_stored() -> Iterator[None]:
+    """Models load with their quantized weights and matmuls as stored (QWEN_MLX_CPU_WEIGHTS=quantized), in this
+    process and the servers it starts, unless the run says otherwise: the tests pin those numbers. tests/test_cpu.py
+    checks the float32 ways against them."""
+    previous = os.environ.get("QWEN_MLX_CPU_WEIGHTS")
+    os.environ.setdefault("QWEN_MLX_CPU_WEIGHTS", "quantized")
+    yield
+    if previous is None:
+        del os.environ["QWEN_MLX_CPU_WEIGHTS"]
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """Qwen2.5-7B-Instruct's official tokenizer_config.json, generation_config.json and config.json."""

@@ -9,10 +9,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+from qwen_mlx.blas import in_use
+from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.cache import CacheSettings, make_cache
 from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.model.cpu import SplitQuantizedEmbedding, SplitQuantizedLinear, prepare_for_cpu, split_quantized_matmul
 from qwen_mlx.model.qwen2 import Qwen2
+from qwen_mlx.store.memory import FLOAT_WEIGHTS_SHARE, Budget, choose_cpu_weights, first_chunk_bytes, plan_for_model
 from qwen_mlx.store.quantize import quantize_model
 
 
@@ -123,3 +126,74 @@ def test_prompts_run_in_chunks_give_the_same_logits(cache_kind: str) -> None:
     whole = logits(None)
     assert mx.array_equal(logits(4), whole).item()
     assert mx.array_equal(logits(7), whole).item()
+
+
+def close_to(a: mx.array, b: mx.array, tolerance: float = 1e-4) -> bool:
+    """Within float tolerance of each other, relative to the logits' scale."""
+    return mx.abs(a - b).max().item() <= tolerance * mx.abs(b).max().item()
+
+
+def greedy_tokens(model: Qwen2, prompt: mx.array, count: int, chunk: int) -> list[int]:
+    """`count` greedy tokens after `prompt`, prefilled `chunk` rows at a time through a cache."""
+    cache = make_cache(model, CacheSettings())
+    for start in range(0, prompt.shape[1], chunk):
+        logits = model(prompt[:, start : start + chunk], cache=cache)
+    tokens = [int(mx.argmax(logits[0, -1]).item())]
+    while len(tokens) < count:
+        tokens.append(int(mx.argmax(model(mx.array([tokens[-1:]]), cache=cache)[0, -1]).item()))
+    return tokens
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_wide_steps_and_float_weights_give_the_quantized_logits(tied: bool, dtype: mx.Dtype) -> None:
+    """A step over more than `wide_rows` rows multiplies dequantized float32 weights, and `weights="float"` holds
+    them so: the same logits within float tolerance; a step of a few rows stays the quantized matmul exactly."""
+    ids = mx.random.randint(0, 1024, (1, 40), key=mx.random.key(4))
+    quantized = quantized_model(dtype, tied=tied)
+    prepare_for_cpu(quantized, streams=2)
+    wide = quantized_model(dtype, tied=tied)
+    prepare_for_cpu(wide, streams=2, wide_rows=8)
+    floats = quantized_model(dtype, tied=tied)
+    prepare_for_cpu(floats, streams=2, weights="float")
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in floats.named_modules())
+    assert floats.layers[0].self_attn.kv_dtype == quantized.layers[0].self_attn.kv_dtype
+    reference = quantized(ids)
+    assert close_to(wide(ids), reference)
+    assert mx.array_equal(wide(ids[:, :8]), quantized(ids[:, :8])).item()
+    # The quantized embedding's lookups come in its scales' dtype, the float32 one's in float32: with float16
+    # scales the prompt's activations differ by half-precision rounding (1e-4 in this model's), 5e-4 in its logits.
+    assert close_to(floats(ids), reference, 1e-4 if dtype == mx.float32 else 1e-3)
+
+
+def test_greedy_tokens_are_the_same_with_float_steps_and_float_weights() -> None:
+    prompt = mx.random.randint(0, 1024, (1, 48), key=mx.random.key(5))
+    expected = None
+    for weights, wide_rows in [("quantized", None), ("quantized", 8), ("float", None)]:
+        model = quantized_model()
+        prepare_for_cpu(model, streams=2, weights=weights, wide_rows=wide_rows)
+        tokens = greedy_tokens(model, prompt, 32, chunk=16)
+        expected = expected or tokens
+        assert tokens == expected, (weights, wide_rows)
+
+
+def test_float_weights_are_chosen_where_they_fit_and_counted_once_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = quantized_model()
+    plan = plan_for_model(model)
+    assert plan is not None
+    need = plan.parameters * 4 + plan.weights + first_chunk_bytes(plan)
+    roomy, tight = Budget(int(need / FLOAT_WEIGHTS_SHARE) + 1, "test"), Budget(need, "test")
+    monkeypatch.delenv("QWEN_MLX_CPU_WEIGHTS", raising=False)
+    optimized = in_use().optimized
+    assert choose_cpu_weights(plan, roomy)[0] == ("float" if optimized else "quantized")
+    assert choose_cpu_weights(plan, tight)[0] == ("wide" if optimized else "quantized")
+    monkeypatch.setenv("QWEN_MLX_CPU_WEIGHTS", "float")
+    assert choose_cpu_weights(plan, tight)[0] == "float"
+    monkeypatch.setenv("QWEN_MLX_CPU_WEIGHTS", "quantized")
+    assert choose_cpu_weights(plan, roomy)[0] == "quantized"
+    monkeypatch.setenv("QWEN_MLX_CPU_WEIGHTS", "fast")
+    with pytest.raises(QwenMLXError, match="QWEN_MLX_CPU_WEIGHTS"):
+        choose_cpu_weights(plan, roomy)
+    prepare_for_cpu(model, streams=2, weights="float")
+    held = plan_for_model(model)
+    assert held is not None and held.weights == plan.parameters * 4

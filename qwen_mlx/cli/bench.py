@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"BLAS: {in_use().describe()}", file=sys.stderr, flush=True)
         print(f"Loading {folder} ...", file=sys.stderr, flush=True)
         model, tokenizer = load(folder, context_length=args.context)
+        if model.cpu_weights:
+            print(f"CPU weights: {model.cpu_weights}", file=sys.stderr, flush=True)
         trials = bench(model, tokenizer, args.prompt_tokens, args.generation_tokens, args.num_trials,
                        max_kv_size=args.max_kv_size, prefill_step_size=args.prefill_step_size)
     print("Averages: " + format_trial(average(trials)))

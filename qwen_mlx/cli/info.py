@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ from qwen_mlx.model.cache import CacheSettings
 from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.store.memory import (
+    CPU_WEIGHTS_LABELS,
     Budget,
     MemoryPlan,
     cache_choices,
+    choose_cpu_weights,
     config_dtype,
     gb,
     memory_budget,
@@ -85,6 +88,13 @@ def make_plan(args: argparse.Namespace) -> tuple[MemoryPlan, str]:
 
 def describe(plan: MemoryPlan, budget: Budget, chunk: int, sampling: SamplingParams) -> list[str]:
     c = plan.config
+    held = []
+    if plan.cpu and plan.quantization_bits:
+        # On the CPU the weights may be held in float32 (`memory.choose_cpu_weights`): the contexts below count them.
+        weights, why = choose_cpu_weights(plan, budget)
+        held = [f"CPU weights     {CPU_WEIGHTS_LABELS[weights]} ({why})"]
+        if weights == "float":
+            plan = replace(plan, weights=plan.parameters * 4)
     switch, scaling = c.yarn_switch, c.dynamic_rope_scaling  # a switch only with YaRN on demand's scaling
     rope = (f"YaRN on demand past {switch} (factor {scaling['factor']:g})" if switch and scaling else
             "static YaRN (config.json's rope_scaling)" if c.rope_scaling else "plain RoPE")
@@ -97,6 +107,7 @@ def describe(plan: MemoryPlan, budget: Budget, chunk: int, sampling: SamplingPar
         f"memory here     {gb(budget.nbytes)} ({budget.source})",
         # Float matmuls (attention, unquantized weights) run on it: the reference BLAS is 30-40x slower than OpenBLAS.
         f"BLAS            {in_use().describe()}",
+        *held,
         "",
         f"{'KV cache':<22}{'bytes/token':>14}{'largest context that fits':>28}",
     ]

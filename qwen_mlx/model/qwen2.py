@@ -167,6 +167,8 @@ class Qwen2(nn.Module):
         self.config = config
         self.sampling_defaults = sampling_defaults or SamplingParams()
         self.fingerprint = fingerprint
+        # On MLX's CPU build, how a quantized model's weights are held and why (`store.load`; `model.cpu`).
+        self.cpu_weights: str | None = None
         self.model = Qwen2Model(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -10,13 +10,19 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.config import ModelConfig
-from qwen_mlx.model.cpu import prepare_for_cpu
+from qwen_mlx.model.cpu import WIDE_ROWS, prepare_for_cpu
 from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.model.parallel import Parallel, check_shardable, shard_model, start_group, weight_part
 from qwen_mlx.model.qwen2 import Qwen2
 from qwen_mlx.store.catalog import find_home, home_models, record_use, repo_id_for
 from qwen_mlx.store.hub import download
-from qwen_mlx.store.memory import check_model_fits, plan_for_folder, split_plan
+from qwen_mlx.store.memory import (
+    CPU_WEIGHTS_LABELS,
+    check_model_fits,
+    choose_cpu_weights,
+    plan_for_folder,
+    split_plan,
+)
 from qwen_mlx.store.names import unknown_name
 from qwen_mlx.store.quantize import prepare_quantized
 from qwen_mlx.store.weights import fingerprint, load_weights, read_tensor
@@ -129,5 +135,18 @@ def load(path_or_repo: str | os.PathLike[str] = DEFAULT_MODEL, lazy: bool = Fals
         parallel = start_group(parallel)
     model, folder = load_model(path_or_repo, lazy=lazy, context_length=context_length, parallel=parallel)
     if model.config.quantization and mx.default_device().type == mx.DeviceType.cpu:
-        prepare_for_cpu(model)
+        prepare_cpu_weights(model, folder, parallel)
     return model, Tokenizer.from_folder(folder)
+
+
+def prepare_cpu_weights(model: Qwen2, folder: Path, parallel: Parallel | None) -> None:
+    """A quantized model on MLX's CPU build: its weights held in float32 where the plan allows, else as stored with
+    wide steps in float32 where an optimized BLAS serves (`memory.choose_cpu_weights`); `model.cpu_weights` says
+    which and why. A split model's parts stay quantized (its layers are the shards')."""
+    if parallel is not None:
+        weights, why = "quantized", "a split model's parts stay as stored"
+    else:
+        weights, why = choose_cpu_weights(plan_for_folder(folder, model.config))
+    wide_rows = WIDE_ROWS if weights == "wide" else None
+    prepare_for_cpu(model, weights="float" if weights == "float" else "quantized", wide_rows=wide_rows)
+    model.cpu_weights = f"{CPU_WEIGHTS_LABELS[weights]} ({why})"

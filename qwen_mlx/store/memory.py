@@ -2,7 +2,9 @@
 
 - Weights: from the safetensors headers (no tensor data read), or from config.json's shapes and quantization for a
   folder that has no weights yet (`qwen-mlx info --q-bits`). On MLX's CPU backend a quantized model keeps its
-  quantized layers as stored but holds its few other half-precision tensors in float32 (`cpu.prepare_for_cpu`).
+  quantized layers as stored but holds its few other half-precision tensors in float32 (`cpu.prepare_for_cpu`);
+  where `choose_cpu_weights` says they fit, it holds its quantized weights dequantized to float32 instead, and a
+  loaded model's plan (`plan_for_model`) counts them so.
 - The KV cache per token, for each cache choice: the model's float dtype (float16, bfloat16 or float32), 4 or 8
   bits in groups (packed codes plus a scale and a bias per group), or a rotating window that stops growing.
 - The activations of one prefill chunk: one layer's intermediates (layers run one after another), the attention
@@ -27,11 +29,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from qwen_mlx.blas import in_use
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.files import read_json
 from qwen_mlx.model.cache import CacheSettings, KVCache
 from qwen_mlx.model.config import ModelConfig
-from qwen_mlx.model.cpu import PREFILL_CHUNK
+from qwen_mlx.model.cpu import PREFILL_CHUNK, WIDE_ROWS
 from qwen_mlx.store.weights import safetensors_header, weight_files
 
 FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -44,6 +47,13 @@ UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1 <<
 HIDDEN_COPIES = 8
 MLP_COPIES = 5  # gate, up, silu(gate), their product and the projection's input, each (tokens x intermediate)
 SCORE_COPIES = 1  # the scores and their softmax, where attention materializes them
+CPU_WEIGHTS_ENV = "QWEN_MLX_CPU_WEIGHTS"
+# A quantized model's weights are held in float32 on the CPU (auto) only where that, the weights as stored and a
+# first chunk's working set take at most this share of the budget: the rest is room for a context.
+FLOAT_WEIGHTS_SHARE = 0.8
+# What `choose_cpu_weights` chose, in words (`qwen-mlx info`, `bench`, `model.cpu_weights`).
+CPU_WEIGHTS_LABELS = {"float": "float32", "wide": f"quantized, steps over {WIDE_ROWS} rows in float32",
+                      "quantized": "quantized"}
 
 
 @dataclass(frozen=True)
@@ -374,6 +384,34 @@ def check_request_memory(model: nn.Module, prompt_tokens: int, max_tokens: int, 
     what = f"the prompt of {prompt_tokens} tokens and max_tokens {max_tokens}: " if prompt_fits else "the prompt:"
     check_context_fits(plan, positions if prompt_fits else prompt_tokens, cache, chunk, what,
                        "max_tokens" if prompt_fits else "prompt", budget)
+
+
+def cpu_weights_setting() -> str:
+    """$QWEN_MLX_CPU_WEIGHTS: how MLX's CPU build holds a quantized model's weights (quantized, float or auto)."""
+    setting = os.environ.get(CPU_WEIGHTS_ENV, "auto").strip().lower() or "auto"
+    if setting not in ("quantized", "float", "auto"):
+        raise QwenMLXError(f"{CPU_WEIGHTS_ENV}={setting!r}: expected quantized, float or auto")
+    return setting
+
+
+def choose_cpu_weights(plan: MemoryPlan, budget: Budget | None = None) -> tuple[str, str]:
+    """How MLX's CPU build holds and multiplies a quantized model's weights (`cpu.prepare_for_cpu`), and why:
+    "float" (held in float32) where an optimized BLAS multiplies them and they fit, with the plan as stored, within
+    FLOAT_WEIGHTS_SHARE of the budget (while they are made, the quantized ones are still there); else "wide"
+    (held as stored, wide steps dequantized to float32); "quantized" (every step quantized, as before) with the
+    reference BLAS or where $QWEN_MLX_CPU_WEIGHTS says so."""
+    setting = cpu_weights_setting()
+    floats = plan.parameters * 4
+    if setting != "auto":
+        return setting, f"{CPU_WEIGHTS_ENV}={setting}"
+    if not in_use().optimized:
+        return "quantized", "the reference BLAS: float32 matmuls never win there"
+    budget = budget or memory_budget()
+    need = floats + plan.weights + first_chunk_bytes(plan)
+    if need > FLOAT_WEIGHTS_SHARE * budget.nbytes:
+        return "wide", (f"float32 copies ({gb(floats)}) would not fit: {gb(need)} with the plan, over "
+                        f"{FLOAT_WEIGHTS_SHARE:.0%} of {gb(budget.nbytes)} ({budget.source})")
+    return "float", f"float32 copies ({gb(floats)}) fit beside the plan in {gb(budget.nbytes)} ({budget.source})"
 
 
 def parse_bytes(text: str) -> int:
