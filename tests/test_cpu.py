@@ -4,19 +4,29 @@ quantized model keeps its weights and KV cache in half precision while computing
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+import qwen_mlx
 from qwen_mlx.blas import in_use
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.model.cache import CacheSettings, make_cache
 from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.model.cpu import SplitQuantizedEmbedding, SplitQuantizedLinear, prepare_for_cpu, split_quantized_matmul
 from qwen_mlx.model.qwen2 import Qwen2
-from qwen_mlx.store.memory import FLOAT_WEIGHTS_SHARE, Budget, choose_cpu_weights, first_chunk_bytes, plan_for_model
+from qwen_mlx.store.memory import (
+    FLOAT_WEIGHTS_SHARE,
+    Budget,
+    choose_cpu_weights,
+    first_chunk_bytes,
+    plan_for_folder,
+    plan_for_model,
+)
 from qwen_mlx.store.quantize import quantize_model
+from qwen_mlx.store.synthetic import tiny_config, write_random_quantized_model
 
 
 def quantized_model(dtype: mx.Dtype = mx.float16, tied: bool = True) -> Qwen2:
@@ -197,3 +207,30 @@ def test_float_weights_are_chosen_where_they_fit_and_counted_once_held(monkeypat
     prepare_for_cpu(model, streams=2, weights="float")
     held = plan_for_model(model)
     assert held is not None and held.weights == plan.parameters * 4
+
+
+def test_load_holds_float_weights_where_they_fit_and_the_plan_counts_them(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_config(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    folder = write_random_quantized_model(tmp_path / "m", config, 4, 64, "bfloat16")
+    ids = mx.array([[1, 2, 3, 4, 5]])
+    monkeypatch.setenv("QWEN_MLX_CPU_WEIGHTS", "quantized")
+    stored, _ = qwen_mlx.load(folder)
+    monkeypatch.setenv("QWEN_MLX_CPU_WEIGHTS", "auto")
+    monkeypatch.setenv("QWEN_MLX_MEMORY_BUDGET", "16GB")
+    floats, _ = qwen_mlx.load(folder)
+    if not in_use().optimized:
+        assert floats.cpu_weights is not None and floats.cpu_weights.startswith("quantized (the reference BLAS")
+        return
+    assert stored.cpu_weights == "quantized (QWEN_MLX_CPU_WEIGHTS=quantized)"
+    assert floats.cpu_weights is not None and floats.cpu_weights.startswith("float32 (")
+    held, planned = plan_for_model(floats), plan_for_folder(folder)
+    assert held is not None and held.weights == planned.parameters * 4
+    # The quantized embedding dequantizes its lookups in bfloat16 arithmetic (0.5% off the float32 values): past
+    # the embedding the layers agree exactly, and the logits within that.
+    assert close_to(floats(ids), stored(ids), 1e-2)
+    assert greedy_tokens(floats, ids, 16, chunk=5) == greedy_tokens(stored, ids, 16, chunk=5)
+    monkeypatch.setenv("QWEN_MLX_MEMORY_BUDGET", str(planned.weights + first_chunk_bytes(planned)))
+    wide, _ = qwen_mlx.load(folder)
+    assert wide.cpu_weights is not None and wide.cpu_weights.startswith("quantized, steps over 32 rows in float32")
