@@ -50,7 +50,7 @@ def test_openai_messages_render_as_qwen_expects(model: ServedModel) -> None:
     assert request.prompt_ids == model.tokenizer.apply_chat_template(expected, tools=[TOOL], tokenize=True)
     text = model.tokenizer.decode(request.prompt_ids)
     # Arguments written once as JSON, not as a JSON string inside JSON.
-    assert '"arguments": {"city": "Paris"}' in text and request.parse_tools
+    assert '"arguments": {"city": "Paris"}' in text and request.tools.parse
 
 
 def test_a_call_cut_off_by_max_tokens_is_accepted_back_in_the_history(model: ServedModel) -> None:
@@ -72,7 +72,7 @@ def test_tool_choice_none_leaves_tools_out_of_the_prompt(model: ServedModel) -> 
     messages = [{"role": "user", "content": "hi"}]
     request = chat(model, messages=messages, tools=[TOOL], tool_choice="none")
     assert request.prompt_ids == model.tokenizer.apply_chat_template(messages, tokenize=True)
-    assert not request.parse_tools and request.generation.grammar is None
+    assert not request.tools.parse and request.generation.grammar is None
 
 
 def test_required_tool_choice_sets_a_grammar_and_defaults_follow_the_model(model: ServedModel) -> None:

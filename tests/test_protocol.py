@@ -16,7 +16,7 @@ from qwen_mlx.engine.prefix_cache import ReplyMemory
 from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.model.generation_config import SamplingParams
 from qwen_mlx.serving import anthropic_api, ollama_api, openai_api
-from qwen_mlx.serving.protocol import APIError, ReplyParts, ServedModel
+from qwen_mlx.serving.protocol import APIError, ReplyParts, ServedModel, ToolReading
 from qwen_mlx.store.synthetic import TINY_QWEN2
 from qwen_mlx.text.tokenizer import Tokenizer
 
@@ -94,14 +94,14 @@ def test_a_template_that_refuses_the_messages_is_a_400(api: str, qwen_tokenizer_
 def test_a_finished_reply_is_remembered_once_and_never_with_a_tool_call(tokenizer: Tokenizer) -> None:
     replies = ReplyMemory()
     served = ServedModel("m", FakeModel(), tokenizer, replies=replies)
-    parts = ReplyParts(served, parse_tools=True, forced_tools=False)
+    parts = ReplyParts(served, ToolReading(parse=True))
     ids = tokenizer.encode(REPLY)
     for token in ids:
         parts.add(GenerationChunk(tokenizer.decode([token]), token))
     parts.finish(GenerationChunk("", None, "stop", GenerationStats()))
     assert replies.ids_for(REPLY) == ids
     call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
-    with_call = ReplyParts(served, parse_tools=True, forced_tools=False)
+    with_call = ReplyParts(served, ToolReading(parse=True))
     out = with_call.add(GenerationChunk(call, 1)) + with_call.finish(GenerationChunk("", None, "stop",
                                                                                      GenerationStats()))
     assert [type(p).__name__ for p in out] == ["ToolCall"] and replies.ids_for(call) is None

@@ -23,10 +23,11 @@ from qwen_mlx.serving.protocol import (
     ReplyParts,
     ServedModel,
     ToolChoice,
+    ToolReading,
     checked_text,
     prepare_chat,
 )
-from qwen_mlx.text.tool_calls import CallPiece, tool_names
+from qwen_mlx.text.tool_calls import CallPiece
 
 # cache_control (here, on text blocks and tools): a prompt-caching hint; every prefix is cached here anyway.
 FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
@@ -50,10 +51,7 @@ class AnthropicRequest:
     model: str
     generation: GenerationRequest
     stream: bool = False
-    parse_tools: bool = False
-    forced_tools: bool = False
-    tool_names: tuple[str, ...] = ()  # a reply that is only JSON naming one of these is a call too
-    parallel_tools: bool = True  # not disable_parallel_tool_use
+    tools: ToolReading = ToolReading()  # how the reply's tool calls are read
     stop_sequences: tuple[str, ...] = ()
     id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex[:24]}")
 
@@ -71,8 +69,7 @@ def parse_messages(body: Any, served: ServedModel) -> AnthropicRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream: must be true or false", "stream")
-    return AnthropicRequest(body["model"], generation, stream, parse_tools=choice.mode != "none" and bool(tools),
-                            forced_tools=choice.forced, tool_names=tool_names(tools), parallel_tools=choice.parallel,
+    return AnthropicRequest(body["model"], generation, stream, tools=ToolReading.of(tools, choice),
                             stop_sequences=tuple(options.get("stop", ())))
 
 
@@ -283,8 +280,7 @@ class AnthropicReply:
 
     def __init__(self, request: AnthropicRequest, served: ServedModel):
         self.request = request
-        self.parts = ReplyParts(served, request.parse_tools, request.forced_tools, tool_names=request.tool_names,
-                                parallel=request.parallel_tools)
+        self.parts = ReplyParts(served, request.tools)
         self.blocks: list[dict[str, Any]] = []  # the message's content so far; tool_use inputs as JSON text
         self.open: int | None = None  # index of the block being streamed
 

@@ -28,13 +28,14 @@ from qwen_mlx.serving.protocol import (
     ReplyParts,
     ServedModel,
     ToolChoice,
+    ToolReading,
     checked_text,
     prepare_chat,
     prepare_prompt,
     render,
 )
 from qwen_mlx.store.catalog import LocalModel
-from qwen_mlx.text.tool_calls import ToolCall, tool_names
+from qwen_mlx.text.tool_calls import ToolCall
 
 # The Ollama API version these routes follow; clients compare it to enable features.
 OLLAMA_VERSION = "0.9.0"
@@ -87,7 +88,7 @@ class OllamaRequest:
     model: str  # the name as the client gave it: Ollama replies with it
     generation: GenerationRequest
     stream: bool = True
-    tools: tuple[str, ...] = ()  # the names of the tools offered: the reply's calls to them are parsed
+    tools: ToolReading = ToolReading()  # the tools offered: the reply's calls to them are parsed
     raw_context: bool = False  # /api/generate: answer with the token ids of the exchange (`context`)
     created: float = field(default_factory=time.time)
 
@@ -100,8 +101,9 @@ def parse_chat(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
     if not messages:
         raise APIError(400, "messages must hold at least one message (an empty list only loads the model)",
                        "messages")
-    generation = prepare_chat(served, _call(body, messages, tools))
-    return OllamaRequest(True, body["model"], generation, stream_wanted(body), tools=tool_names(tools))
+    call = _call(body, messages, tools)
+    return OllamaRequest(True, body["model"], prepare_chat(served, call), stream_wanted(body),
+                         tools=ToolReading.of(call.tools, call.choice))
 
 
 def parse_generate(body: dict[str, Any], served: ServedModel) -> OllamaRequest:
@@ -281,7 +283,7 @@ class OllamaReply:
 
     def __init__(self, request: OllamaRequest, served: ServedModel, load_seconds: float = 0.0):
         self.request = request
-        self.parts = ReplyParts(served, bool(request.tools), False, chat=request.chat, tool_names=request.tools)
+        self.parts = ReplyParts(served, request.tools, chat=request.chat)
         self.started = time.perf_counter_ns()
         self.first_token: int | None = None
         self.load_ns = int(load_seconds * 1e9)

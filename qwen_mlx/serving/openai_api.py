@@ -23,12 +23,13 @@ from qwen_mlx.serving.protocol import (
     ReplyParts,
     ServedModel,
     ToolChoice,
+    ToolReading,
     checked_text,
     known_fields,
     prepare_chat,
     prepare_prompt,
 )
-from qwen_mlx.text.tool_calls import CallPiece, ToolCall, tool_names
+from qwen_mlx.text.tool_calls import CallPiece, ToolCall
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "stop", "n", "user", "presence_penalty",
@@ -50,10 +51,7 @@ class APIRequest:
     generation: GenerationRequest
     stream: bool = False
     include_usage: bool = False
-    parse_tools: bool = False
-    forced_tools: bool = False  # the grammar allows tool calls and nothing else (tool_choice required / named)
-    tool_names: tuple[str, ...] = ()  # a reply that is only JSON naming one of these is a call too
-    parallel_tools: bool = True
+    tools: ToolReading = ToolReading()  # how the reply's tool calls are read
     logprobs: int | None = None  # None: not asked; else how many alternatives per token
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -87,8 +85,7 @@ def parse_chat_request(body: Any, served: ServedModel) -> APIRequest:
     generation = prepare_chat(served, ChatCall(messages, tools, choice, options, _max_tokens(body, max_name),
                                                params=params))
     return APIRequest(chat=True, generation=generation, stream=_stream(body), include_usage=_include_usage(body),
-                      parse_tools=choice.mode != "none", forced_tools=choice.forced, tool_names=tool_names(tools),
-                      parallel_tools=choice.parallel, logprobs=options.get("logprobs"))
+                      tools=ToolReading.of(tools, choice), logprobs=options.get("logprobs"))
 
 
 def parse_completion_request(body: Any, served: ServedModel) -> APIRequest:
@@ -302,8 +299,7 @@ class ResponseBuilder:
 
     def __init__(self, request: APIRequest, served: ServedModel):
         self.request, self.model = request, served
-        self.parts = ReplyParts(served, request.parse_tools, request.forced_tools, chat=request.chat,
-                                tool_names=request.tool_names, parallel=request.parallel_tools)
+        self.parts = ReplyParts(served, request.tools, chat=request.chat)
         self.content: list[str] = []
         self.calls: list[list[str]] = []  # [name, arguments' JSON text] per call
         self.logprobs: list[dict[str, Any]] = []

@@ -9,7 +9,6 @@ context check, and the library's own checks with their fields renamed to the API
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,7 +20,14 @@ from qwen_mlx.engine.request import MAX_TOKENS_LIMIT, GenerationRequest, check_t
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.text.grammar import tool_call_grammar
 from qwen_mlx.text.tokenizer import Tokenizer
-from qwen_mlx.text.tool_calls import TOOL_CALL_CLOSE, CallPiece, ToolArgumentsStream, ToolCall, ToolCallStream
+from qwen_mlx.text.tool_calls import (
+    TOOL_CALL_CLOSE,
+    CallPiece,
+    ToolArgumentsStream,
+    ToolCall,
+    ToolCallStream,
+    tool_names,
+)
 
 
 class APIError(Exception):
@@ -85,6 +91,21 @@ class ToolChoice:
     @property
     def forced(self) -> bool:
         return self.mode == "required"
+
+
+@dataclass(frozen=True)
+class ToolReading:
+    """How a reply's tool calls are read, as the request's tools and tool_choice say: parsed at all (`parse`),
+    forced by the grammar (`forced`), the names a reply written as bare JSON may call, several calls or one."""
+
+    parse: bool = False
+    forced: bool = False
+    names: tuple[str, ...] = ()
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, tools: list[dict[str, Any]] | None, choice: ToolChoice) -> ToolReading:
+        return cls(choice.mode != "none" and bool(tools), choice.forced, tool_names(tools), choice.parallel)
 
 
 @dataclass
@@ -215,7 +236,7 @@ class ReplyParts:
     their block closes; a malformed block stays text); and calls the grammar forced (a `CallPiece` with the name,
     then pieces of the arguments). Tool markup never shows as text, not even in part while streaming.
 
-    With `tool_names`, a reply that is only a call written as JSON (bare or fenced) naming one of them is a call
+    With the tools' names, a reply that is only a call written as JSON (bare or fenced) naming one of them is a call
     too, whole at the end; with `parallel` False a JSON list of calls counts only when it holds one, as the
     markup's stop after the first call allows only one (see `text/tool_calls.py`).
 
@@ -223,11 +244,10 @@ class ReplyParts:
     next turn, which resends it as text, matches the cached prefix (the same for every API).
     """
 
-    def __init__(self, served: ServedModel, parse_tools: bool, forced_tools: bool, chat: bool = True,
-                 tool_names: Collection[str] = (), parallel: bool = True):
+    def __init__(self, served: ServedModel, tools: ToolReading, chat: bool = True):
         self.served, self.chat = served, chat
-        self.forced = ToolArgumentsStream() if forced_tools else None
-        self.tools = ToolCallStream(tool_names, parallel) if parse_tools and not forced_tools else None
+        self.forced = ToolArgumentsStream() if tools.forced else None
+        self.tools = ToolCallStream(tools.names, tools.parallel) if tools.parse and not tools.forced else None
         self.tokens: list[int] = []  # the reply's ids
         self.text: list[str] = []
         self.made_call = False

@@ -31,11 +31,12 @@ from qwen_mlx.serving.protocol import (
     ReplyParts,
     ServedModel,
     ToolChoice,
+    ToolReading,
     checked_text,
     known_fields,
     prepare_chat,
 )
-from qwen_mlx.text.tool_calls import CallPiece, tool_names
+from qwen_mlx.text.tool_calls import CallPiece
 
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "seed", "tools",
           "tool_choice", "parallel_tool_calls", "text", "metadata", "user", "store", "previous_response_id", "stream",
@@ -110,10 +111,7 @@ class ResponsesRequest:
     echo: dict[str, Any]  # the request's fields as the response object repeats them
     stream: bool = False
     store: bool = True
-    parse_tools: bool = False
-    forced_tools: bool = False
-    tool_names: tuple[str, ...] = ()  # a reply that is only JSON naming one of these is a call too
-    parallel_tools: bool = True
+    tools: ToolReading = ToolReading()  # how the reply's tool calls are read
     id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -153,8 +151,7 @@ def parse_request(body: Any, served: ServedModel, store: ResponseStore) -> Respo
             "store": _flag(body, "store", True), "top_logprobs": 0, "max_tool_calls": None,
             **{name: _string(body, name) for name in ("user", "safety_identifier", "prompt_cache_key")}}
     return ResponsesRequest(generation, messages, echo, stream=_flag(body, "stream", False), store=echo["store"],
-                            parse_tools=choice.mode != "none", forced_tools=choice.forced,
-                            tool_names=tool_names(tools), parallel_tools=choice.parallel)
+                            tools=ToolReading.of(tools, choice))
 
 
 def _checked_fields(body: Any) -> dict[str, Any]:
@@ -395,8 +392,7 @@ class ResponsesReply:
 
     def __init__(self, request: ResponsesRequest, served: ServedModel, store: ResponseStore):
         self.request, self.store = request, store
-        self.parts = ReplyParts(served, request.parse_tools, request.forced_tools, tool_names=request.tool_names,
-                                parallel=request.parallel_tools)
+        self.parts = ReplyParts(served, request.tools)
         self.output: list[dict[str, Any]] = []  # the items so far (a message's text in its one output_text part)
         self.open = False  # whether the last item is still being streamed
         self.sequence = 0
